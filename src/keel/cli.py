@@ -1,0 +1,168 @@
+"""`keel` command line: train, sft, demo, eval, monitor, report, sweep.
+
+Every bad input ends as one line ``keel: error: ...`` and exit code 2 (``--debug``
+shows the traceback instead). A run stopped by the health monitor exits 3; one
+stopped by repeated non-finite updates exits 4.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from keel.errors import EXIT_BAD_INPUT, KeelError
+
+
+def _config(args) -> "KeelConfig":  # noqa: F821
+    from keel.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def cmd_train(args) -> int:
+    from keel.trainer import train
+
+    cfg = _config(args)
+    if args.nproc and args.nproc > 1:
+        from keel.distributed import launch
+
+        return launch(args.nproc, [args.config, *args.overrides])
+    result = train(cfg)
+    _print_eval(result.eval, result.run_dir)
+    return result.exit_code
+
+
+def cmd_sft(args) -> int:
+    from keel.sft import run_sft
+
+    cfg = _config(args)
+    print(run_sft(cfg))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Warm-start (cached) then GRPO on the embedded task; prints accuracy before/after."""
+    from keel.sft import run_sft
+    from keel.trainer import train
+
+    cfg = _config(args)
+    model_dir = run_sft(cfg)
+    if cfg.model.path != str(model_dir):
+        raise KeelError(f"config key 'actor_rollout_ref.model.path' ({cfg.model.path}) must be sft.output_dir "
+                        f"({cfg.sft.output_dir}) for the demo")
+    result = train(cfg)
+    _print_eval(result.eval, result.run_dir)
+    return result.exit_code
+
+
+def _print_eval(ev: dict, run_dir: Path) -> None:
+    before, after = ev.get("heldout_accuracy_before"), ev.get("heldout_accuracy_after")
+    fmt = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"  # noqa: E731
+    print(f"held-out accuracy (n={ev.get('n_heldout')}, sampled at T={ev.get('temperature')}): "
+          f"before GRPO {fmt(before)} -> after GRPO {fmt(after)}")
+    print(f"run directory: {run_dir}")
+
+
+def cmd_eval(args) -> int:
+    from keel.config import load_config
+    from keel.evaluate import evaluate
+    from keel.rewards import build_reward
+    from keel.trainer import load_policy, load_prompts, pick_device, set_threads
+
+    overrides = [f"actor_rollout_ref.model.path={args.model_dir}", *args.overrides]
+    if args.data:
+        overrides += [f"data.val_files={args.data}", f"data.train_files={args.data}"]
+    if args.n is not None:
+        overrides.append(f"data.val_size={args.n}")
+    cfg = load_config(args.config, overrides)
+    set_threads(cfg.trainer.num_threads)
+    policy = load_policy(cfg, pick_device(cfg.trainer.device))
+    _, _, rows, ids, _ = load_prompts(cfg, policy.tokenizer)
+    temperature = cfg.rollout.temperature if args.temperature is None else args.temperature
+    result = evaluate(policy.model, policy.lean, policy.tokenizer, ids, rows, build_reward(cfg), k=args.k,
+                      max_new_tokens=cfg.data.max_response_length, temperature=temperature,
+                      top_p=cfg.rollout.top_p, seed=args.seed, out_file=args.out)
+    if args.run_dir:  # recompute a run's eval.json "after" figure for any model directory
+        path = Path(args.run_dir) / "eval.json"
+        ev = json.loads(path.read_text()) if path.exists() else {}
+        ev.update({"heldout_accuracy_after": result[f"mean@{args.k}"], "n_heldout": result["n"]})
+        path.write_text(json.dumps(ev, indent=1))
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_monitor(args) -> int:
+    from keel.monitor import monitor_main
+
+    return monitor_main(args.rest)
+
+
+def cmd_report(args) -> int:
+    from keel.report import report_main
+
+    return report_main(args.rest)
+
+
+def cmd_sweep(args) -> int:
+    from keel.sweep import sweep_main
+
+    return sweep_main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="keel", description="GRPO for reasoning LLMs that does not capsize.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    for name, fn, help_text in (("train", cmd_train, "GRPO training from a YAML config"),
+                                ("sft", cmd_sft, "supervised warm-start of the embedded model (cached)"),
+                                ("demo", cmd_demo, "warm-start + GRPO on the embedded task")):
+        sp = sub.add_parser(name, help=help_text)
+        sp.add_argument("config", nargs="?" if name != "train" else None, help="YAML config")
+        sp.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+        if name == "train":
+            sp.add_argument("--nproc", type=int, default=0, help="processes for data-parallel training (torchrun)")
+        sp.set_defaults(fn=fn)
+
+    sp = sub.add_parser("eval", help="mean@k / pass@k of a model directory on held-out data")
+    sp.add_argument("model_dir")
+    sp.add_argument("overrides", nargs="*")
+    sp.add_argument("--config", default=None)
+    sp.add_argument("--data", default=None, help="JSONL/Parquet file (GSM8K, MATH-500, verl or TRL rows)")
+    sp.add_argument("--k", type=int, default=1)
+    sp.add_argument("--n", type=int, default=None, help="number of problems (default data.val_size)")
+    sp.add_argument("--temperature", type=float, default=None)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--out", default=None, help="per-problem results (JSONL)")
+    sp.add_argument("--run-dir", default=None, help="update RUN_DIR/eval.json with the result")
+    sp.set_defaults(fn=cmd_eval)
+
+    for name, fn, help_text in (("monitor", cmd_monitor, "judge a run's health (Keel run dir or verl JSONL)"),
+                                ("report", cmd_report, "HTML/Markdown report with plots"),
+                                ("sweep", cmd_sweep, "grid / Optuna sweeps with the verdict table")):
+        sp = sub.add_parser(name, help=help_text, add_help=False)
+        sp.add_argument("rest", nargs=argparse.REMAINDER)
+        sp.set_defaults(fn=fn)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args) or 0
+    except KeelError as e:
+        if args.debug:
+            raise
+        print(f"keel: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("keel: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

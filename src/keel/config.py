@@ -1,0 +1,472 @@
+"""Typed run configuration: YAML file + dotted ``key=value`` overrides.
+
+Key names and nesting follow verl (``actor_rollout_ref.actor.entropy_coeff``,
+``data.train_batch_size``, ``trainer.total_training_steps`` ...) so that a verl
+user can carry a config over. Keel's own sections are ``task`` (the embedded
+arithmetic task), ``reward``, ``monitor`` and ``control``.
+
+Every bad key or value raises :class:`keel.errors.KeelError` with one line that
+names the key, e.g. ``config key 'actor_rollout_ref.actor.entropy_coef' is
+unknown (did you mean 'entropy_coeff'?)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from keel.errors import KeelError
+
+EMBEDDED = "embedded"  # model.path / data.train_files value selecting the built-in tiny default
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class DataConfig:
+    # prompt files (JSONL or Parquet; verl, TRL, GSM8K or MATH-500 rows), or "embedded" for the built-in task
+    train_files: Any = EMBEDDED
+    # held-out files used by validation / `keel eval`; "embedded" = the task's held-out split
+    val_files: Any = EMBEDDED
+    # row format: auto | verl | trl | gsm8k | math500 (auto looks at the columns)
+    format: str = "auto"
+    # column holding the prompt (string or chat messages)
+    prompt_key: str = "prompt"
+    # column holding the answer for TRL-style rows (verl rows use reward_model.ground_truth)
+    answer_key: str = "answer"
+    # template applied to plain-text questions before the chat template; {question} is replaced
+    prompt_template: str = "{question}"
+    # apply the tokenizer's chat template when it has one
+    apply_chat_template: bool = True
+    # prompts longer than this (tokens) are dropped, and the drop is counted and reported
+    max_prompt_length: int = 512
+    # generation stops after this many tokens (counted in response_length/clip_ratio)
+    max_response_length: int = 64
+    # prompts per training step (each gets actor_rollout_ref.rollout.n completions)
+    train_batch_size: int = 16
+    # held-out prompts used for validation accuracy (0 = all)
+    val_size: int = 256
+    # skip malformed rows (counted) instead of stopping with an error naming file and row
+    skip_invalid: bool = False
+
+
+@dataclass
+class TaskConfig:
+    # the embedded verifiable task: "addition" (two numbers, worked column trace)
+    name: str = "addition"
+    # digits per operand
+    digits: int = 2
+    # seed of the problem generator; train and held-out splits never overlap
+    seed: int = 1234
+    # number of held-out problems (disjoint from training problems)
+    n_heldout: int = 256
+
+
+@dataclass
+class ModelConfig:
+    # local Hugging Face model directory, or "embedded" (tiny Qwen3 built from a config, random init)
+    path: str = EMBEDDED
+    # tokenizer directory (defaults to model.path)
+    tokenizer_path: str | None = None
+    # parameter dtype for rollout and training: float32 | bfloat16 (bf16 autocast, fp32 master weights)
+    dtype: str = "float32"
+
+
+@dataclass
+class OptimConfig:
+    # AdamW learning rate
+    lr: float = 2e-4
+    # AdamW weight decay
+    weight_decay: float = 0.0
+    # AdamW betas
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    # linear warm-up steps for the learning rate
+    lr_warmup_steps: int = 0
+
+
+@dataclass
+class ActorConfig:
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    # prompts per optimizer step (each brings rollout.n completions); train_batch_size / this = updates per epoch
+    ppo_mini_batch_size: int = 8
+    # passes over each rollout batch
+    ppo_epochs: int = 1
+    # PPO clip range; clip_ratio_low / clip_ratio_high default to it
+    clip_ratio: float = 0.2
+    # lower clip: ratio >= 1 - clip_ratio_low
+    clip_ratio_low: float | None = None
+    # upper clip (clip-higher, DAPO): ratio <= 1 + clip_ratio_high
+    clip_ratio_high: float | None = None
+    # dual-clip bound for negative advantages (must be > 1)
+    clip_ratio_c: float = 3.0
+    # entropy bonus coefficient: loss -= entropy_coeff * agg(H)
+    entropy_coeff: float = 0.0
+    # add the KL-to-reference loss (the reference model is only loaded when this is on and kl_loss_coef > 0)
+    use_kl_loss: bool = True
+    # KL loss coefficient: loss += kl_loss_coef * agg(KL)
+    kl_loss_coef: float = 0.001
+    # k1 | k2 (mse) | k3 (low_var_kl) | abs
+    kl_loss_type: str = "low_var_kl"
+    # token-mean | seq-mean-token-sum | seq-mean-token-mean | seq-mean-token-sum-norm
+    loss_agg_mode: str = "token-mean"
+    # max gradient norm (<= 0 disables clipping)
+    grad_clip: float = 1.0
+    # rows of logits turned into entropies at once (bounds fp32 memory)
+    entropy_chunk_size: int = 4096
+
+
+@dataclass
+class RolloutConfig:
+    # hf (Keel's KV-cached sampler) | vllm
+    name: str = "hf"
+    # completions per prompt (the GRPO group size, >= 2)
+    n: int = 8
+    # sampling temperature (also divides logits for log-probs and entropy)
+    temperature: float = 1.0
+    # nucleus sampling
+    top_p: float = 1.0
+    # vLLM: fraction of GPU memory for the engine
+    gpu_memory_utilization: float = 0.5
+    # vLLM on CPU: KV-cache bytes (small keeps it laptop-friendly)
+    kv_cache_memory_bytes: int = 256 * 1024 * 1024
+
+
+@dataclass
+class ActorRolloutRefConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+
+
+@dataclass
+class AlgorithmConfig:
+    # advantage estimator (registry in keel.algorithms): grpo
+    adv_estimator: str = "grpo"
+    # divide group-centred rewards by the group std (GRPO); false = Dr.GRPO
+    norm_adv_by_std_in_grpo: bool = True
+
+
+@dataclass
+class RewardConfig:
+    # reward functions: names from keel.rewards' registry ("arithmetic", "math_verify", "format", ...),
+    # "module.path:function" or "file.py:function"; each entry {name, weight, kwargs}
+    functions: list = field(default_factory=lambda: [{"name": "auto", "weight": 1.0}])
+    # score given to a sample whose reward function raised (counted in reward/errors)
+    error_score: float = 0.0
+    # DAPO overlong buffer: penalise responses in the last `overlong_buffer_len` tokens (0 = off)
+    overlong_buffer_len: int = 0
+    # maximal overlong penalty
+    overlong_penalty_factor: float = 1.0
+    # seconds allowed for one math-verify call
+    timeout_s: float = 5.0
+
+
+@dataclass
+class CustomRewardFunctionConfig:
+    # verl's custom_reward_function: a .py file (or module) and the function name
+    path: str | None = None
+    name: str = "compute_score"
+
+
+@dataclass
+class MonitorConfig:
+    # rule set: "embedded", "lablog" (the Qwen3 lab-log table), or a YAML file of rules
+    rules: str = "embedded"
+    # extra rules appended to the rule set (same schema as the YAML file's entries)
+    extra_rules: list = field(default_factory=list)
+    # what a bad overall verdict does: log | stop | rollback
+    action: str = "log"
+    # rollbacks allowed before the run stops (action: rollback)
+    max_rollbacks: int = 3
+
+
+@dataclass
+class ControlConfig:
+    # entropy controller: fixed | floor | band (equations in keel/control.py and the README)
+    type: str = "fixed"
+    # floor: the entropy target (nats) below which the bonus applies
+    target_entropy: float = 0.05
+    # band: keep actor/entropy inside [low, high] (nats)
+    low: float = 0.03
+    high: float = 0.12
+    # floor: per-step change of entropy_coeff
+    delta: float = 0.0005
+    # band: PI gains in coefficient units per unit of log-entropy error
+    ki: float = 0.01
+    kp: float = 0.02
+    # band: EMA smoothing of entropy (0 = none) and how many steps ahead the slope is extrapolated
+    ema: float = 0.5
+    horizon: float = 3.0
+    # band: when predicted entropy is above `high`, kl_coef *= 1 + kl_gain (at least kl_floor_step)
+    kl_gain: float = 0.2
+    kl_floor_step: float = 0.001
+    # band: inside the band kl_coef relaxes toward its configured value by this factor per step
+    kl_decay: float = 0.9
+    # bounds on the coefficients a controller may set
+    min_entropy_coeff: float = 0.0
+    max_entropy_coeff: float = 0.3
+    min_kl_coef: float = 0.0
+    max_kl_coef: float = 1.0
+    # steps before the controller acts
+    warmup_steps: int = 0
+
+
+@dataclass
+class TrainerConfig:
+    # name used by trackers (verl convention)
+    project_name: str = "keel"
+    experiment_name: str = "demo"
+    # run directories are created under this folder
+    default_local_dir: str = "runs"
+    # exact run directory (overrides default_local_dir/experiment_name-timestamp)
+    run_dir: str | None = None
+    # training steps (one rollout batch each)
+    total_training_steps: int = 80
+    # any of console, jsonl, tensorboard, wandb, mlflow (jsonl is always written)
+    logger: list = field(default_factory=lambda: ["console", "jsonl"])
+    # checkpoint every N steps (-1 = only at the end / on stop)
+    save_freq: int = -1
+    # checkpoints kept
+    max_ckpt_to_keep: int = 2
+    # validate every N steps (-1 = only before and after)
+    test_freq: int = -1
+    # validate before the first step
+    val_before_train: bool = True
+    # seed of everything random (sampling, prompt order, init)
+    seed: int = 1
+    # torch intra-op threads (1 is fastest on a loaded 2-core machine; 0 = torch's default)
+    num_threads: int = 1
+    # device: cpu | cuda | auto
+    device: str = "auto"
+    # non-finite updates in a row that stop the run
+    max_nonfinite_in_row: int = 5
+    # resume: disable | auto (continue from the latest complete checkpoint in run_dir)
+    resume: str = "disable"
+    # completions written to samples.jsonl every step
+    n_samples_logged: int = 4
+
+
+@dataclass
+class SFTConfig:
+    # warm-start steps on the embedded task's worked solutions
+    steps: int = 400
+    # sequences per step
+    batch_size: int = 64
+    lr: float = 1e-3
+    # probability that a worked column contains a self-consistent +-1 slip (keeps the model imperfect)
+    slip_prob: float = 0.15
+    # where `keel sft` writes the warm-started model (reused when it was made with the same settings)
+    output_dir: str = ".cache/keel/sft-addition"
+    # seed of model init and example order
+    seed: int = 0
+
+
+@dataclass
+class KeelConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    actor_rollout_ref: ActorRolloutRefConfig = field(default_factory=ActorRolloutRefConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    custom_reward_function: CustomRewardFunctionConfig = field(default_factory=CustomRewardFunctionConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+
+    # short handles used all over the loop
+    @property
+    def actor(self) -> ActorConfig:
+        return self.actor_rollout_ref.actor
+
+    @property
+    def rollout(self) -> RolloutConfig:
+        return self.actor_rollout_ref.rollout
+
+    @property
+    def model(self) -> ModelConfig:
+        return self.actor_rollout_ref.model
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _suggest(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else f" (valid keys: {', '.join(sorted(options))})"
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert one leaf value against its annotation; raise KeelError naming the key."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except KeelError:
+                pass
+        raise KeelError(f"config key '{key}' must be {' or '.join(a.__name__ for a in args)}, got {value!r}")
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise KeelError(f"config key '{key}' must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise KeelError(f"config key '{key}' must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise KeelError(f"config key '{key}' must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise KeelError(f"config key '{key}' must be a string, got {value!r}")
+    if tp is list or origin is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        raise KeelError(f"config key '{key}' must be a list, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise KeelError(f"config key '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            raise KeelError(f"config key '{prefix}{key}' is unknown{_suggest(str(key), names)}")
+    kwargs = {}
+    for name in names:
+        if name not in data:
+            continue
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, data[name] if data[name] is not None else {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(data[name], tp, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a","b","c"], yaml-parsed value)."""
+    if "=" not in text:
+        raise KeelError(f"override '{text}' must look like key.path=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise KeelError(f"override '{text}': value is not valid YAML ({str(e).splitlines()[0]})") from None
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise KeelError(f"override '{text}': '{part}' is not a section")
+        node[path[-1]] = value
+    return raw
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise KeelError(f"config file '{path}' does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise KeelError(f"config file '{path}'{where}: malformed YAML ({problem})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise KeelError(f"config file '{path}' must hold a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> KeelConfig:
+    """Read YAML (optional), apply dotted overrides, validate keys, types and ranges."""
+    raw = read_yaml(path) if path is not None else {}
+    raw.pop("defaults", None)  # tolerated for Hydra-style files
+    raw = apply_overrides(raw, list(overrides or []))
+    cfg = _build(KeelConfig, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(raw: dict) -> KeelConfig:
+    cfg = _build(KeelConfig, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise KeelError(message)
+
+
+def validate(cfg: KeelConfig) -> None:
+    a, r, d, t = cfg.actor, cfg.rollout, cfg.data, cfg.trainer
+    _check(r.n >= 2, f"config key 'actor_rollout_ref.rollout.n' must be >= 2 (GRPO needs a group), got {r.n}")
+    _check(a.entropy_coeff >= 0, f"config key 'actor_rollout_ref.actor.entropy_coeff' must be >= 0, got {a.entropy_coeff}")
+    _check(a.kl_loss_coef >= 0, f"config key 'actor_rollout_ref.actor.kl_loss_coef' must be >= 0, got {a.kl_loss_coef}")
+    _check(a.optim.lr > 0, f"config key 'actor_rollout_ref.actor.optim.lr' must be > 0, got {a.optim.lr}")
+    _check(a.clip_ratio_c > 1, f"config key 'actor_rollout_ref.actor.clip_ratio_c' must be > 1, got {a.clip_ratio_c}")
+    for name in ("clip_ratio", "clip_ratio_low", "clip_ratio_high"):
+        v = getattr(a, name)
+        _check(v is None or v >= 0, f"config key 'actor_rollout_ref.actor.{name}' must be >= 0, got {v}")
+    _check(a.ppo_epochs >= 1, f"config key 'actor_rollout_ref.actor.ppo_epochs' must be >= 1, got {a.ppo_epochs}")
+    _check(a.ppo_mini_batch_size >= 1, "config key 'actor_rollout_ref.actor.ppo_mini_batch_size' must be >= 1")
+    _check(
+        d.train_batch_size % a.ppo_mini_batch_size == 0,
+        f"config key 'data.train_batch_size' ({d.train_batch_size}) must be a multiple of "
+        f"'actor_rollout_ref.actor.ppo_mini_batch_size' ({a.ppo_mini_batch_size})",
+    )
+    _check(r.temperature > 0, f"config key 'actor_rollout_ref.rollout.temperature' must be > 0, got {r.temperature}")
+    _check(0 < r.top_p <= 1, f"config key 'actor_rollout_ref.rollout.top_p' must be in (0, 1], got {r.top_p}")
+    _check(r.name in ("hf", "vllm"), f"config key 'actor_rollout_ref.rollout.name' must be hf or vllm, got {r.name!r}")
+    _check(d.max_response_length >= 1, "config key 'data.max_response_length' must be >= 1")
+    _check(d.train_batch_size >= 1, "config key 'data.train_batch_size' must be >= 1")
+    _check(t.total_training_steps >= 0, "config key 'trainer.total_training_steps' must be >= 0")
+    _check(t.resume in ("disable", "auto"), f"config key 'trainer.resume' must be disable or auto, got {t.resume!r}")
+    _check(
+        cfg.model.dtype in ("float32", "bfloat16"),
+        f"config key 'actor_rollout_ref.model.dtype' must be float32 or bfloat16, got {cfg.model.dtype!r}",
+    )
+    _check(cfg.monitor.action in ("log", "stop", "rollback"), f"config key 'monitor.action' must be log, stop or rollback, got {cfg.monitor.action!r}")
+    _check(cfg.control.type in ("fixed", "floor", "band"), f"config key 'control.type' must be fixed, floor or band, got {cfg.control.type!r}")
+    _check(cfg.control.low < cfg.control.high, "config keys 'control.low' must be < 'control.high'")
+    bad = [x for x in t.logger if x not in ("console", "jsonl", "tensorboard", "wandb", "mlflow")]
+    _check(not bad, f"config key 'trainer.logger' has unknown logger(s) {bad}; valid: console, jsonl, tensorboard, wandb, mlflow")
+    # names of estimators / losses are checked against their registries where they are looked up

@@ -1,0 +1,654 @@
+"""Training health: rules as data, a verdict every step, early warnings, and ``keel monitor``.
+
+A rule set is a YAML list (built-ins in ``keel/rules/``: ``embedded`` and ``lablog``). Two kinds:
+
+    threshold  {metric, good: [lo, hi], bad: [[lo, hi], ...], from_step, patience, frac_log_vocab}
+               good is a closed band; bad ranges are open (a value on a bad bound is only "watch").
+               verdict = bad if inside a bad range, good if inside the good band, else watch.
+    trend      {kind: trend, metric, direction, window, change, with_metric, with_direction,
+               with_change, toward, horizon, from_step, patience, level}
+               fits a least-squares line to the metric over the last `window` steps; fires when
+               its relative change (end - start) / |start| passes `change` in `direction`, and
+               (optionally) `with_metric` moves too and the line reaches `toward` within `horizon`.
+
+Per step every rule gets good / watch / bad (``None`` = not judged: before ``from_step``,
+metric missing, or too few points for a trend). The overall verdict is the worst rule, where a
+threshold rule counts as bad only after ``patience`` consecutive bad steps (watch before that).
+Numeric codes in ``metrics.jsonl``: ``health/overall`` and ``health/<rule id>`` = 0 good,
+1 watch, 2 bad (``null`` = not judged). ``health.jsonl`` gets one event per verdict change.
+How to choose bands: docs/health.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import math
+import re
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from keel.config import read_yaml
+from keel.errors import KeelError
+
+RULES_DIR = Path(__file__).resolve().parent / "rules"
+BUILTIN_RULE_SETS = ("embedded", "lablog")
+CODES = {"good": 0, "watch": 1, "bad": 2}
+MAX_TABLE_CHECKPOINTS = 6  # the table shows the most recent ones; --json has all
+
+
+# --------------------------------------------------------------------------- rules
+
+
+@dataclass
+class Rule:
+    """One health criterion over one logged metric (field docs: module docstring, docs/health.md)."""
+
+    metric: str
+    good: tuple | None = None  # threshold: closed band (lo, hi); None = unbounded side
+    bad: list = field(default_factory=list)  # threshold: open ranges (lo, hi)
+    from_step: int = 0  # earlier steps are not judged (warm-up)
+    patience: int = 1  # threshold: bad steps in a row before overall is bad; trend: steps in a row before it fires
+    frac_log_vocab: bool = False  # bounds (good, bad, toward) are fractions of ln V
+    kind: str = "threshold"  # threshold | trend
+    name: str | None = None  # id; default metric (threshold) or metric/direction (trend)
+    direction: str = "falling"  # trend: falling | rising
+    window: int = 20  # trend: steps the line is fitted over
+    change: float = 0.2  # trend: relative change over the window that fires (0.2 = 20 %)
+    with_metric: str | None = None  # trend: must move at the same time (collapse feedback loop)
+    with_direction: str = "falling"
+    with_change: float = 0.0
+    toward: float | None = None  # trend: fire only if the fitted line reaches this within `horizon` steps
+    horizon: int = 50
+    level: str = "watch"  # trend: verdict when it fires
+    ln_vocab: float | None = None  # set when frac_log_vocab bounds were scaled (not a YAML field)
+
+    @property
+    def id(self) -> str:
+        if self.name:
+            return self.name
+        return f"{self.metric}/{self.direction}" if self.kind == "trend" else self.metric
+
+
+_YAML_FIELDS = [f.name for f in fields(Rule) if f.name != "ln_vocab"]
+_TREND_ONLY = {"direction", "window", "change", "with_metric", "with_direction", "with_change", "toward", "horizon", "level"}
+
+
+def _is_num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _range(x: Any, what: str) -> tuple:
+    if not (isinstance(x, (list, tuple)) and len(x) == 2 and all(v is None or _is_num(v) for v in x)):
+        raise ValueError(f"'{what}' must be [lo, hi] with numbers or null, got {x!r}")
+    lo, hi = (None if v is None else float(v) for v in x)
+    if lo is not None and hi is not None and lo > hi:
+        raise ValueError(f"'{what}' has lo > hi: {x!r}")
+    return lo, hi
+
+
+def _int(raw: dict, key: str, lo: int) -> None:
+    if key in raw and not (isinstance(raw[key], int) and not isinstance(raw[key], bool) and raw[key] >= lo):
+        raise ValueError(f"'{key}' must be an integer >= {lo}, got {raw[key]!r}")
+
+
+def _choice(raw: dict, key: str, options: tuple) -> None:
+    if key in raw and raw[key] not in options:
+        raise ValueError(f"'{key}' must be one of {', '.join(options)}, got {raw[key]!r}")
+
+
+def parse_rule(raw: Any, where: str) -> Rule:
+    """One YAML entry -> Rule; any problem raises KeelError naming `where` (file and entry)."""
+    if not isinstance(raw, dict):
+        raise KeelError(f"{where}: a rule must be a mapping with at least 'metric', got {raw!r}")
+    for key in raw:
+        if key not in _YAML_FIELDS:
+            close = difflib.get_close_matches(str(key), _YAML_FIELDS, n=1, cutoff=0.5)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (valid: {', '.join(_YAML_FIELDS)})"
+            raise KeelError(f"{where}: unknown field '{key}'{hint}")
+    try:
+        if not isinstance(raw.get("metric"), str) or not raw["metric"]:
+            raise ValueError("'metric' (the logged metric name) is required")
+        _choice(raw, "kind", ("threshold", "trend"))
+        kind = raw.get("kind", "threshold")
+        wrong = (_TREND_ONLY if kind == "threshold" else {"good", "bad"}) & raw.keys()
+        if wrong:
+            raise ValueError(f"field '{sorted(wrong)[0]}' does not apply to {kind} rules")
+        if kind == "threshold" and raw.get("good") is None and not raw.get("bad"):
+            raise ValueError("a threshold rule needs 'good' and/or 'bad'")
+        kw = dict(raw)
+        if raw.get("good") is not None:
+            kw["good"] = _range(raw["good"], "good")
+        bad = raw.get("bad") or []
+        if isinstance(bad, (list, tuple)) and len(bad) == 2 and all(v is None or _is_num(v) for v in bad):
+            bad = [bad]  # a single range written flat: bad: [null, 1.0]
+        if not isinstance(bad, (list, tuple)):
+            raise ValueError(f"'bad' must be [lo, hi] or a list of them, got {bad!r}")
+        kw["bad"] = [_range(r, "bad") for r in bad]
+        _int(raw, "from_step", 0)
+        _int(raw, "patience", 1)
+        _int(raw, "window", 3)
+        _int(raw, "horizon", 1)
+        _choice(raw, "direction", ("falling", "rising"))
+        _choice(raw, "with_direction", ("falling", "rising"))
+        _choice(raw, "level", ("watch", "bad"))
+        if "frac_log_vocab" in raw and not isinstance(raw["frac_log_vocab"], bool):
+            raise ValueError(f"'frac_log_vocab' must be true or false, got {raw['frac_log_vocab']!r}")
+        for key, ok, need in (("change", lambda x: x > 0, "a number > 0"), ("with_change", lambda x: x >= 0, "a number >= 0"),
+                              ("toward", lambda x: True, "a number")):
+            if key in raw and not (_is_num(raw[key]) and ok(raw[key])):
+                raise ValueError(f"'{key}' must be {need}, got {raw[key]!r}")
+        for key in ("name", "with_metric"):
+            if raw.get(key) is not None and (not isinstance(raw[key], str) or not raw[key].strip()):
+                raise ValueError(f"'{key}' must be a non-empty string, got {raw[key]!r}")
+        return Rule(**kw)
+    except ValueError as e:
+        raise KeelError(f"{where}: {e}") from None
+
+
+def scale_rule(rule: Rule, vocab_size: int | None, where: str = "rule") -> Rule:
+    """Bounds given as fractions of ln V -> absolute nats (good, bad and toward are multiplied by ln V)."""
+    if not rule.frac_log_vocab:
+        return rule
+    if vocab_size is None or vocab_size < 2:
+        raise KeelError(f"{where} ({rule.id}): frac_log_vocab needs the vocabulary size (pass vocab_size / --vocab-size)")
+    ln_v = math.log(vocab_size)
+
+    def mul(r: tuple | None) -> tuple | None:
+        return None if r is None else tuple(None if x is None else x * ln_v for x in r)
+
+    toward = None if rule.toward is None else rule.toward * ln_v
+    return replace(rule, good=mul(rule.good), bad=[mul(r) for r in rule.bad], toward=toward, frac_log_vocab=False, ln_vocab=ln_v)
+
+
+def load_rules(spec: str, vocab_size: int | None = None, extra: list[dict] | None = None) -> list[Rule]:
+    """A rule set by name ("embedded", "lablog") or YAML path, plus `extra` entries (config ``monitor.extra_rules``).
+
+    An extra rule whose id equals a rule of the set replaces it; otherwise it is appended.
+    """
+    path = RULES_DIR / f"{spec}.yaml" if spec in BUILTIN_RULE_SETS else Path(spec)
+    if not path.is_file():
+        raise KeelError(f"monitor rules '{spec}' is neither a built-in rule set ({', '.join(BUILTIN_RULE_SETS)}) nor a YAML file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise KeelError(f"rules file '{path}': malformed YAML ({getattr(e, 'problem', None) or str(e).splitlines()[0]})") from None
+    if not isinstance(raw, list):
+        raise KeelError(f"rules file '{path}' must hold a YAML list of rules, got {type(raw).__name__}")
+    if extra is not None and not isinstance(extra, list):
+        raise KeelError(f"config key 'monitor.extra_rules' must be a list of rules, got {extra!r}")
+    rules: list[Rule] = []
+    sources = [(f"rules file '{path}'", raw), ("config key 'monitor.extra_rules'", extra or [])]
+    for label, entries in sources:
+        for i, entry in enumerate(entries, 1):
+            where = f"{label} entry {i}" + (f" ({entry.get('metric')})" if isinstance(entry, dict) else "")
+            rule = scale_rule(parse_rule(entry, where), vocab_size, where)
+            same = [j for j, r in enumerate(rules) if r.id == rule.id]
+            if same and entries is raw:
+                raise KeelError(f"{where}: rule id '{rule.id}' is used twice (give one a 'name')")
+            if same:
+                rules[same[0]] = rule
+            else:
+                rules.append(rule)
+    return rules
+
+
+# --------------------------------------------------------------------------- verdicts
+
+
+def _fmt(x: float | None) -> str:
+    if x is None:
+        return "—"
+    if abs(x) >= 1000:
+        return f"{x:.0f}"
+    s = f"{x:.3g}"
+    return s if any(c in s for c in ".en") else s + ".0"
+
+
+def _value(x: Any) -> float | None:
+    return float(x) if _is_num(x) else None
+
+
+@dataclass
+class RuleVerdict:
+    verdict: str | None  # good | watch | bad | None (not judged)
+    effective: str  # what it adds to the overall verdict (patience applied; None -> good)
+    value: float | None  # the metric's value this step (also when not judged)
+    reason: str | None = None
+    direction: str | None = None  # low | high: which side of healthy it is on
+    streak: int = 0
+
+
+@dataclass(frozen=True)
+class Failing:
+    """The rule behind a non-good overall verdict (the rollback controller reads .direction)."""
+
+    rule: str
+    metric: str
+    direction: str | None  # low: collapse side (more entropy pressure); high: too random (more KL pressure)
+    verdict: str
+
+
+@dataclass
+class StepVerdict:
+    step: int
+    overall: str
+    per_rule: dict[str, RuleVerdict]
+    events: list[dict]  # lines for health.jsonl
+    reason: str | None  # the failing rule's reason, None when good
+    failing_rule: Failing | None
+
+
+def _fit(points: list, step: int, window: int) -> tuple[float, float, float] | None:
+    """Least-squares line through the (step, value) points of the last `window` steps -> (start, end, slope)."""
+    pts = [p for p in points if p[0] > step - window]
+    if len(pts) < max(3, (window + 1) // 2):
+        return None
+    x, y = np.array(pts, dtype=np.float64).T  # (n,), (n,)
+    slope, intercept = np.polyfit(x, y, 1)
+    return float(intercept + slope * x[0]), float(intercept + slope * x[-1]), float(slope)
+
+
+def _moved(fit: tuple, direction: str, change: float) -> float | None:
+    """Relative change of the fitted line if it moved at least `change` in `direction`, else None."""
+    start, end, _ = fit
+    rel = (end - start) / max(abs(start), 1e-12)
+    return rel if (rel <= -change if direction == "falling" else rel >= change) else None
+
+
+class Monitor:
+    """Judges one step at a time; keeps streaks and trend windows (``state_dict`` for checkpoints)."""
+
+    def __init__(self, rules: list[Rule], vocab_size: int | None = None):
+        self.rules = [scale_rule(r, vocab_size) for r in rules]
+        ids = [r.id for r in self.rules]
+        if len(set(ids)) != len(ids):
+            raise KeelError(f"monitor rules have duplicate ids {sorted({i for i in ids if ids.count(i) > 1})} (give one a 'name')")
+        self._keep: dict[str, int] = {}  # metric -> steps of history the trend rules need
+        for r in self.rules:
+            if r.kind == "trend":
+                for m in filter(None, (r.metric, r.with_metric)):
+                    self._keep[m] = max(self._keep.get(m, 0), r.window)
+        self._history: dict[str, list] = {m: [] for m in self._keep}  # metric -> [(step, value)]
+        self._streak = dict.fromkeys(ids, 0)
+        self._prev = dict.fromkeys(ids, "good")
+        self._rule_first = {i: [None, None] for i in ids}  # first watch-or-worse, first bad step
+        self.overall = "good"
+        self.first_warning_step: int | None = None
+        self.first_bad_step: int | None = None
+
+    # ---- judging
+
+    def _threshold(self, rule: Rule, step: int, v: float | None) -> RuleVerdict:
+        rid = rule.id
+        if step < rule.from_step:
+            self._streak[rid] = 0
+        if step < rule.from_step or v is None:
+            return RuleVerdict(None, "good", v, streak=self._streak[rid])
+        lo, hi = rule.good or (None, None)
+        side = "low" if lo is not None and v < lo else "high" if hi is not None and v > hi else None
+        hit = next((r for r in rule.bad if (r[0] is None or v > r[0]) and (r[1] is None or v < r[1])), None)
+        if hit is None:
+            self._streak[rid] = 0
+            if side is None:
+                return RuleVerdict("good", "good", v)
+            bound = lo if side == "low" else hi
+            why = f"{rule.metric} {_fmt(v)} {'<' if side == 'low' else '>'} {_fmt(bound)} (good {_band(rule.good)})"
+            return RuleVerdict("watch", "watch", v, why, side)
+        n = self._streak[rid] = self._streak[rid] + 1
+        if hit[0] is None or hit[1] is None:
+            side = side or ("low" if hit[0] is None else "high")
+            cmp = f"< {_fmt(hit[1])}" if hit[0] is None else f"> {_fmt(hit[0])}"
+        else:
+            side = side or "low"
+            cmp = f"in ({_fmt(hit[0])}, {_fmt(hit[1])})"
+        why = f"{rule.metric} {_fmt(v)} {cmp} for {n} step{'s' if n > 1 else ''}"
+        if n < rule.patience:
+            why += f" (bad after {rule.patience})"
+        return RuleVerdict("bad", "bad" if n >= rule.patience else "watch", v, why, side, n)
+
+    def _trend(self, rule: Rule, step: int, v: float | None) -> RuleVerdict:
+        rid = rule.id
+        fit = self._fit_for(rule.metric, step, rule.window)
+        if step < rule.from_step or fit is None:
+            self._streak[rid] = 0
+            return RuleVerdict(None, "good", v)
+        rel = _moved(fit, rule.direction, rule.change)
+        verb = {"falling": "fell", "rising": "rose"}
+        why = f"{rule.metric} {verb[rule.direction]} {abs(rel or 0):.0%} over {rule.window} steps ({_fmt(fit[0])} → {_fmt(fit[1])})"
+        if rel is not None and rule.with_metric:
+            fit2 = self._fit_for(rule.with_metric, step, rule.window)
+            rel2 = None if fit2 is None else _moved(fit2, rule.with_direction, rule.with_change)
+            if rel2 is None:
+                rel = None
+            else:
+                why += f" while {rule.with_metric} {verb[rule.with_direction]} {abs(rel2):.0%} ({_fmt(fit2[0])} → {_fmt(fit2[1])})"
+        if rel is not None and rule.toward is not None:
+            end, slope = fit[1], fit[2]
+            gap = rule.toward - end
+            steps_left = 0.0 if (gap <= 0 if rule.direction == "rising" else gap >= 0) else gap / slope
+            if steps_left > rule.horizon:
+                rel = None
+            else:
+                why += f", heading for {_fmt(rule.toward)} in ~{max(steps_left, 0):.0f} steps"
+        self._streak[rid] = self._streak[rid] + 1 if rel is not None else 0
+        if self._streak[rid] < rule.patience:
+            return RuleVerdict("good", "good", v, streak=self._streak[rid])
+        side = "low" if rule.direction == "falling" else "high"
+        return RuleVerdict(rule.level, rule.level, v, why, side, self._streak[rid])
+
+    def _fit_for(self, metric: str, step: int, window: int):
+        return _fit(self._history.get(metric, []), step, window)
+
+    def observe(self, step: int, metrics: dict) -> StepVerdict:
+        """Judge one step's metrics (missing / null / NaN values are simply not judged)."""
+        step = int(step)
+        for m, pts in self._history.items():  # a re-observed step (resume, rollback) replaces what followed it
+            v = _value(metrics.get(m))
+            pts[:] = [p for p in pts if step - self._keep[m] < p[0] < step] + ([(step, v)] if v is not None else [])
+        per_rule: dict[str, RuleVerdict] = {}
+        for rule in self.rules:
+            judge = self._trend if rule.kind == "trend" else self._threshold
+            per_rule[rule.id] = judge(rule, step, _value(metrics.get(rule.metric)))
+        overall, failing = "good", None
+        for rule in self.rules:
+            rv = per_rule[rule.id]
+            if CODES[rv.effective] > CODES[overall]:
+                overall, failing = rv.effective, Failing(rule.id, rule.metric, rv.direction, rv.effective)
+        reason = per_rule[failing.rule].reason if failing else None
+        events = []
+        for rule in self.rules:
+            rid, rv = rule.id, per_rule[rule.id]
+            if rv.verdict is None:
+                continue
+            first = self._rule_first[rid]
+            if rv.verdict != "good" and first[0] is None:
+                first[0] = step
+            if rv.verdict == "bad" and first[1] is None:
+                first[1] = step
+            if rv.verdict != self._prev[rid]:
+                why = rv.reason or f"{rule.id} is good again ({rule.metric} {_fmt(rv.value)})"
+                events.append({"step": step, "rule": rid, "metric": rule.metric, "verdict": rv.verdict,
+                               "previous": self._prev[rid], "value": rv.value, "direction": rv.direction, "reason": why})
+                self._prev[rid] = rv.verdict
+        if overall != self.overall:
+            events.append({"step": step, "rule": "overall", "verdict": overall, "previous": self.overall,
+                           "reason": reason or "every rule is good again"})
+            self.overall = overall
+        if overall != "good" and self.first_warning_step is None:
+            self.first_warning_step = step
+        if overall == "bad" and self.first_bad_step is None:
+            self.first_bad_step = step
+        return StepVerdict(step, overall, per_rule, events, reason, failing)
+
+    def metrics(self, verdict: StepVerdict) -> dict:
+        """``health/overall`` and ``health/<rule id>`` codes (0 good, 1 watch, 2 bad, None not judged)."""
+        out: dict[str, int | None] = {"health/overall": CODES[verdict.overall]}
+        for rid, rv in verdict.per_rule.items():
+            out[f"health/{rid}"] = None if rv.verdict is None else CODES[rv.verdict]
+        return out
+
+    def rule_first_steps(self, rule_id: str) -> tuple[int | None, int | None]:
+        """(first step the rule was watch or worse, first step it was bad)."""
+        return tuple(self._rule_first[rule_id])
+
+    # ---- checkpoints
+
+    def state_dict(self) -> dict:
+        return {"version": 1, "streak": dict(self._streak), "prev": dict(self._prev), "overall": self.overall,
+                "rule_first": {k: list(v) for k, v in self._rule_first.items()},
+                "first_warning_step": self.first_warning_step, "first_bad_step": self.first_bad_step,
+                "history": {m: [list(p) for p in pts] for m, pts in self._history.items()}}
+
+    def load_state_dict(self, d: dict) -> None:
+        """Restore what `state_dict` saved; rules added or removed since then start fresh."""
+        for key, target in (("streak", self._streak), ("prev", self._prev), ("rule_first", self._rule_first)):
+            target.update({k: v for k, v in d.get(key, {}).items() if k in target})
+        for m, pts in d.get("history", {}).items():
+            if m in self._history:
+                self._history[m] = [(int(s), float(v)) for s, v in pts]
+        self.overall = d.get("overall", "good")
+        self.first_warning_step = d.get("first_warning_step")
+        self.first_bad_step = d.get("first_bad_step")
+
+
+# --------------------------------------------------------------------------- reading runs
+
+
+def _band(r: tuple | None) -> str:
+    lo, hi = r or (None, None)
+    if lo is not None and hi is not None:
+        return f"{_fmt(lo)}–{_fmt(hi)}"
+    return f"≥ {_fmt(lo)}" if lo is not None else f"≤ {_fmt(hi)}"
+
+
+def describe(rule: Rule) -> str:
+    """The criterion in words, for the table."""
+    if rule.kind == "trend":
+        verb = {"falling": "falls", "rising": "rises"}
+        text = f"{verb[rule.direction]} >{rule.change:.0%} in {rule.window} steps"
+        if rule.with_metric:
+            text += f" while {rule.with_metric} {verb[rule.with_direction]} >{rule.with_change:.0%}"
+        if rule.toward is not None:
+            text += f", reaching {_fmt(rule.toward)} within {rule.horizon} steps"
+        if rule.level == "bad":
+            text += " (bad)"
+    else:
+        parts = [f"good {_band(rule.good)}"] if rule.good else []
+        bad = [f"< {_fmt(hi)}" if lo is None else f"> {_fmt(lo)}" if hi is None else f"in ({_fmt(lo)}, {_fmt(hi)})" for lo, hi in rule.bad]
+        parts += [f"bad {' or '.join(bad)}"] if bad else []
+        text = ", ".join(parts)
+        if rule.patience > 1:
+            text += f", patience {rule.patience}"
+    if rule.from_step:
+        text += f", from step {rule.from_step}"
+    if rule.ln_vocab:
+        text += f" [× ln V = {rule.ln_vocab:.2f}]"
+    return text
+
+
+def read_metrics(path: str | Path) -> list[tuple[int, dict]]:
+    """Steps of a metrics JSONL, sorted; flat ``{"step", ...}`` or verl's ``{"step", "data": {...}}`` lines.
+
+    Lines of the same step are merged (later keys win). A half-written last line is skipped.
+    """
+    path = Path(path)
+    text = path.read_text(errors="replace")
+    lines = text.split("\n")
+    merged: dict[int, dict] = {}
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines):  # no trailing newline yet: a line still being written
+                continue
+            raise KeelError(f"metrics file '{path}' line {i}: not valid JSON") from None
+        if not isinstance(obj, dict):
+            raise KeelError(f"metrics file '{path}' line {i}: expected a JSON object, got {type(obj).__name__}")
+        data = obj["data"] if isinstance(obj.get("data"), dict) else obj
+        step = obj.get("step", data.get("training/global_step"))
+        if not (_is_num(step) and float(step).is_integer()):
+            raise KeelError(f"metrics file '{path}' line {i}: no integer 'step' (got {step!r})")
+        merged.setdefault(int(step), {}).update((k, v) for k, v in data.items() if k != "step")
+    return sorted(merged.items())
+
+
+def _locate(path: str | Path, allow_missing: bool = False) -> tuple[Path | None, Path]:
+    """-> (run directory or None, metrics file)."""
+    p = Path(path)
+    if p.is_dir():
+        f = p / "metrics.jsonl"
+        if not f.is_file() and not allow_missing:
+            raise KeelError(f"run directory '{p}' has no metrics.jsonl (yet)")
+        return p, f
+    if p.is_file():
+        parent = p.parent
+        is_run = p.name == "metrics.jsonl" and ((parent / "config.yaml").is_file() or (parent / "checkpoints").is_dir())
+        return (parent if is_run else None), p
+    raise KeelError(f"'{p}' does not exist (expected a Keel run directory or a JSONL metrics file)")
+
+
+def checkpoint_steps(run_dir: Path | None) -> list[int]:
+    """Steps of ``checkpoints/step_<N>`` (or verl's ``global_step_<N>``) directories, zero-padded or not."""
+    root = run_dir / "checkpoints" if run_dir else None
+    if root is None or not root.is_dir():
+        return []
+    found = (re.fullmatch(r"(?:global_)?step_(\d+)", d.name) for d in root.iterdir() if d.is_dir())
+    return sorted({int(m.group(1)) for m in found if m})
+
+
+def _vocab_size_from_checkpoints(run_dir: Path | None) -> int | None:
+    """vocab_size of a Hugging Face config.json saved in a checkpoint, if any."""
+    if run_dir is None:
+        return None
+    for cfg in sorted(run_dir.glob("checkpoints/*/config.json")) + sorted(run_dir.glob("checkpoints/*/*/config.json")):
+        try:
+            v = json.loads(cfg.read_text()).get("vocab_size")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(v, int) and v > 1:
+            return v
+    return None
+
+
+def _rules_for(run_dir: Path | None, spec: str | None, vocab_size: int | None) -> tuple[str, list[Rule]]:
+    """The run's own rule set (config.yaml monitor.rules + extra_rules), or `spec`, or lablog for bare files."""
+    extra = None
+    cfg_file = run_dir / "config.yaml" if run_dir else None
+    if cfg_file is not None and cfg_file.is_file():
+        mon = read_yaml(cfg_file).get("monitor") or {}
+        extra = mon.get("extra_rules") or None
+        spec = spec or mon.get("rules") or "embedded"
+    spec = spec or ("embedded" if run_dir else "lablog")
+    if spec not in BUILTIN_RULE_SETS and not Path(spec).is_file() and run_dir and (run_dir / spec).is_file():
+        spec = str(run_dir / spec)
+    return spec, load_rules(spec, vocab_size, extra)
+
+
+def summarize(metrics_path_or_run_dir: str | Path, rules: list[Rule] | str | None = None,
+              vocab_size: int | None = None, allow_missing: bool = False) -> dict:
+    """Replay a run's metrics through the monitor -> the ``keel monitor --json`` object.
+
+    `rules`: a list of Rules, a rule-set spec ("embedded", "lablog", YAML path), or None for the
+    run's own (``monitor.rules`` of its config.yaml; lablog for a bare JSONL file).
+    """
+    run_dir, metrics_file = _locate(metrics_path_or_run_dir, allow_missing)
+    records = read_metrics(metrics_file) if metrics_file.is_file() else []
+    vocab_size = vocab_size or _vocab_size_from_checkpoints(run_dir)
+    if isinstance(rules, list):
+        rule_set = "custom"
+    else:
+        rule_set, rules = _rules_for(run_dir, rules, vocab_size)
+    ckpts = checkpoint_steps(run_dir)
+    monitor = Monitor(rules, vocab_size)
+    rows = {r.id: {"rule": r.id, "metric": r.metric, "kind": r.kind, "criterion": describe(r), "latest": None,
+                   "latest_step": None, "verdict": None, "reason": None, "at_checkpoints": {}} for r in monitor.rules}
+    last = None
+    for step, m in records:
+        last = monitor.observe(step, m)
+        for rid, rv in last.per_rule.items():
+            row = rows[rid]
+            if rv.value is not None:
+                row.update(latest=rv.value, latest_step=step, verdict=rv.verdict, reason=rv.reason)
+            if step in ckpts:
+                row["at_checkpoints"][str(step)] = {"value": rv.value, "verdict": rv.verdict}
+    for rid, row in rows.items():
+        row["first_warning_step"], row["first_bad_step"] = monitor.rule_first_steps(rid)
+    return {
+        "path": str(metrics_path_or_run_dir), "metrics_file": str(metrics_file), "rule_set": rule_set,
+        "steps": len(records), "last_step": records[-1][0] if records else None, "checkpoints": ckpts,
+        "overall": last.overall if last else None, "reason": last.reason if last else None,
+        "failing_rule": asdict(last.failing_rule) if last and last.failing_rule else None,
+        "first_warning_step": monitor.first_warning_step, "first_bad_step": monitor.first_bad_step,
+        "rules": list(rows.values()),
+    }
+
+
+# --------------------------------------------------------------------------- keel monitor
+
+_STYLE = {"good": "green", "watch": "yellow", "bad": "bold red", None: "dim"}
+
+
+def render_table(summary: dict):
+    """The criteria table: value at each checkpoint, latest value, verdict, first watch / bad step."""
+    from rich.table import Table
+    from rich.text import Text
+
+    overall = summary["overall"]
+    title = Text.assemble(f"{summary['path']}  ·  rules: {summary['rule_set']}  ·  step {summary['last_step']}  ·  overall ",
+                          (str(overall).upper() if overall else "no steps yet", _STYLE[overall]))
+    caption = f"first warning: step {summary['first_warning_step']}  ·  first bad: step {summary['first_bad_step']}"
+    if summary["reason"]:
+        caption = f"{summary['reason']}\n{caption}"
+    table = Table(title=title, caption=caption)
+    ckpts = summary["checkpoints"][-MAX_TABLE_CHECKPOINTS:]
+    for name, just in [("rule", "left"), ("criterion", "left")] + [(f"step {c}", "right") for c in ckpts] + [
+            ("latest", "right"), ("verdict", "left"), ("first watch", "right"), ("first bad", "right")]:
+        table.add_column(name, justify=just)
+    for row in summary["rules"]:
+        cells = []
+        for c in ckpts:
+            at = row["at_checkpoints"].get(str(c)) or {"value": None, "verdict": None}
+            cells.append(Text(_fmt(at["value"]), style=_STYLE[at["verdict"]]))
+        latest = f"{_fmt(row['latest'])} @{row['latest_step']}" if row["latest"] is not None else "—"
+        table.add_row(row["rule"], row["criterion"], *cells, latest, Text(row["verdict"] or "—", style=_STYLE[row["verdict"]]),
+                      str(row["first_warning_step"] or "—"), str(row["first_bad_step"] or "—"))
+    return table
+
+
+def monitor_main(argv: list[str]) -> int:
+    """``keel monitor PATH [--rules R] [--vocab-size V] [--follow] [--json] [--interval S] [--count N]``."""
+    p = argparse.ArgumentParser(prog="keel monitor", description="Judge a run's health: a Keel run directory or any "
+                                "JSONL metrics file with verl metric names (flat or verl's {step, data} lines).")
+    p.add_argument("path", help="run directory (RUN_DIR/metrics.jsonl) or a JSONL metrics file")
+    p.add_argument("--rules", help="embedded | lablog | rules.yaml (default: the run's monitor.rules; lablog for a bare file)")
+    p.add_argument("--vocab-size", type=int, help="V for rules written with frac_log_vocab (default: from a checkpoint's config.json)")
+    p.add_argument("--follow", action="store_true", help="re-read and redraw every --interval seconds (Ctrl-C stops)")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object (one line per refresh with --follow)")
+    p.add_argument("--interval", type=float, default=5.0, help="seconds between refreshes with --follow")
+    p.add_argument("--count", type=int, default=0, help="with --follow: stop after N refreshes (0 = until Ctrl-C)")
+    args = p.parse_args(argv)
+    if args.interval <= 0 or args.count < 0:
+        raise KeelError("--interval must be > 0 and --count >= 0")
+
+    def build() -> dict:
+        return summarize(args.path, args.rules, args.vocab_size, allow_missing=args.follow)
+
+    from rich.console import Console
+
+    console = Console()
+    summary = build()
+    if not args.follow:
+        if args.json:
+            print(json.dumps(summary, allow_nan=False))
+        else:
+            console.print(render_table(summary))
+        return 0
+    try:
+        if args.json:
+            for n in range(1, 1 << 62):
+                print(json.dumps(summary, allow_nan=False), flush=True)
+                if args.count and n >= args.count:
+                    break
+                time.sleep(args.interval)
+                summary = build()
+        else:
+            from rich.live import Live
+
+            with Live(render_table(summary), console=console, auto_refresh=False) as live:
+                for n in range(1, 1 << 62):
+                    if args.count and n >= args.count:
+                        break
+                    time.sleep(args.interval)
+                    live.update(render_table(build()), refresh=True)
+    except KeyboardInterrupt:
+        pass
+    return 0

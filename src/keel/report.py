@@ -1,0 +1,594 @@
+"""``keel report RUN_DIR [RUN_DIR ...]``: one self-contained HTML page (plus Markdown) per run, runs or sweep.
+
+What it holds, in order:
+
+1. results summary: key metrics at chosen steps (default 6 / 25 / 50 / last) and a trend in words
+   (one table per run; for several runs also one comparison table, one row per run)
+2. config diff (two or more runs): only the keys that differ, one column per run
+3. sweep summary (a sweep folder: ``summary.csv`` + ``runs/<name>/``)
+4. plots over steps: entropy (health verdicts shaded), score, KL, ``response_length/pos/mean``,
+   logical connectives, entropy / KL coefficients; several runs are overlaid on the same axes
+5. health criteria: per rule the latest value and verdict
+6. run facts (``meta.json``, ``eval.json``) and sample completions from early / middle / late steps
+
+``report.html`` embeds the PNGs as base64 (one file to mail or attach to a lab log);
+``report.md`` links the same PNGs under ``plots/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import csv
+import html
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from matplotlib.figure import Figure  # object API: Agg canvas, no pyplot global state
+
+from keel.errors import KeelError
+from keel.tracking import flatten, read_jsonl
+
+DEFAULT_STEPS = [6, 25, 50]  # the columns a lab log usually has, plus "last"
+HEALTH_WORDS = {0: "good", 1: "watch", 2: "bad"}
+HEALTH_CODES = {v: k for k, v in HEALTH_WORDS.items()}
+HEALTH_COLORS = {1: "#f2c94c", 2: "#eb5757"}
+
+
+@dataclass
+class Panel:
+    name: str  # file name of the PNG
+    title: str
+    keys: list[str]  # metric keys drawn on this panel
+    split: bool = False  # one sub-axis per key (their scales differ by orders of magnitude)
+
+
+PANELS = [
+    Panel("entropy", "Policy entropy (nats), health verdicts shaded", ["actor/entropy"]),
+    Panel("score", "Mean score (reward)", ["critic/score/mean"]),
+    Panel("kl", "KL to the reference policy", ["actor/kl_loss"]),
+    Panel("length", "Length of correct responses (tokens)", ["response_length/pos/mean"]),
+    Panel("connectives", "Logical connectives per response", ["token/logical_connectives"]),
+    Panel("coefficients", "Regularisation coefficients", ["actor/entropy_coeff", "actor/kl_coef"], split=True),
+]
+
+# rows of the results summary: (label, metric key, higher_is_better for the trend words)
+SUMMARY_METRICS = [
+    ("score", "critic/score/mean", True),
+    ("entropy", "actor/entropy", None),
+    ("KL", "actor/kl_loss", None),
+    ("response length", "response_length/mean", None),
+    ("correct-response length", "response_length/pos/mean", None),
+    ("connectives", "token/logical_connectives", None),
+    ("entropy_coeff", "actor/entropy_coeff", None),
+    ("kl_coef", "actor/kl_coef", None),
+]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclass
+class Run:
+    name: str
+    path: Path
+    rows: list[dict]  # metrics.jsonl, one row per step, sorted by step
+    config: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+    health: list[dict] = field(default_factory=list)
+    samples: list[dict] = field(default_factory=list)
+    eval: dict = field(default_factory=dict)
+
+    @property
+    def last_step(self) -> int:
+        return self.rows[-1]["step"] if self.rows else 0
+
+    def series(self, key: str) -> tuple[list[int], list[float]]:
+        """(steps, values) where ``key`` was logged with a number."""
+        pairs = [(r["step"], r[key]) for r in self.rows if isinstance(r.get(key), (int, float))]
+        return [s for s, _ in pairs], [float(v) for _, v in pairs]
+
+
+@dataclass
+class Sweep:
+    path: Path
+    header: list[str]
+    rows: list[list[str]]
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        raise KeelError(f"'{path}' is not valid JSON") from None
+    return data if isinstance(data, dict) else {}
+
+
+def load_run(path: str | Path, name: str | None = None) -> Run:
+    """Read a run directory; only ``metrics.jsonl`` is required."""
+    path = Path(path)
+    metrics = path / "metrics.jsonl"
+    if not metrics.is_file():
+        raise KeelError(f"'{path}' is not a run directory (no metrics.jsonl) nor a sweep (no summary.csv)")
+    by_step: dict[int, dict] = {}
+    for i, row in enumerate(read_jsonl(metrics)):
+        if not isinstance(row.get("step"), int):
+            raise KeelError(f"'{metrics}' row {i + 1} has no integer 'step'")
+        by_step[row["step"]] = row  # a resumed run re-logs steps: the later row wins
+    config = {}
+    if (path / "config.yaml").is_file():
+        config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) or {}
+    optional = {f: read_jsonl(path / f) if (path / f).is_file() else [] for f in ("health.jsonl", "samples.jsonl")}
+    return Run(
+        name=name or path.name,
+        path=path,
+        rows=[by_step[s] for s in sorted(by_step)],
+        config=config if isinstance(config, dict) else {},
+        meta=_read_json(path / "meta.json"),
+        health=optional["health.jsonl"],
+        samples=optional["samples.jsonl"],
+        eval=_read_json(path / "eval.json"),
+    )
+
+
+def load_sweep(path: Path) -> tuple[Sweep, list[Run]]:
+    with open(path / "summary.csv", newline="", encoding="utf-8") as f:
+        table = list(csv.reader(f))
+    header, rows = (table[0], table[1:]) if table else ([], [])
+    run_dirs = sorted(p for p in (path / "runs").glob("*") if (p / "metrics.jsonl").is_file())
+    return Sweep(path, header, rows), [load_run(p) for p in run_dirs]
+
+
+def collect(paths: list[str | Path]) -> tuple[list[Run], list[Sweep]]:
+    """Each path is a run directory or a sweep directory; run names are made unique."""
+    runs, sweeps = [], []
+    for p in map(Path, paths):
+        if not p.is_dir():
+            raise KeelError(f"'{p}' is not a directory")
+        if (p / "summary.csv").is_file():
+            sweep, sweep_runs = load_sweep(p)
+            sweeps.append(sweep)
+            runs += sweep_runs
+        else:
+            runs.append(load_run(p))
+    seen: dict[str, int] = {}
+    for run in runs:  # two "runs/demo" from different parents: prefix the parent
+        seen[run.name] = seen.get(run.name, 0) + 1
+    for run in runs:
+        if seen[run.name] > 1:
+            run.name = f"{run.path.parent.name}/{run.path.name}"
+    return runs, sweeps
+
+
+# --------------------------------------------------------------------------- numbers and words
+
+
+def trend_words(values: list[float], higher_is_better: bool | None = None) -> str:
+    """Describe a metric's course in words: flat, rising, falling, slowly rising, rose then collapsed ...
+
+    v is smoothed by a moving average of width w = max(1, n // 5) -> s. With head = s[0], tail = s[-1],
+    span = max(s) - min(s) and scale = max|v|:
+
+    - span <= 0.1 * scale                                    -> "flat"
+    - peak inside, rise = max(s) - head >= 0.3 span and it lost at least half of it (max(s) - tail >= rise / 2)
+                                                             -> "rose then collapsed"  (mirror: "fell then recovered")
+    - |tail - head| < 0.3 span                               -> "no clear trend"
+    - otherwise rising / falling, "slowly" when |tail - head| < 0.25 * max(|head|, |tail|)
+
+    ``higher_is_better`` turns rising / falling into improving / declining (or worsening / improving).
+    """
+    v = [float(x) for x in values if isinstance(x, (int, float)) and math.isfinite(x)]
+    n = len(v)
+    if n < 2:
+        return "too few points"
+    w = max(1, n // 5)  # one noisy step should not set the trend
+    s = [sum(v[i : i + w]) / w for i in range(n - w + 1)]
+    head, tail, hi, lo = s[0], s[-1], max(s), min(s)
+    span, scale = hi - lo, max(abs(x) for x in v)
+    if span <= 0.1 * scale:
+        return "flat"
+    inside = range(1, len(s) - 1)
+    rise, drop = hi - head, head - lo
+    if s.index(hi) in inside and rise >= 0.3 * span and hi - tail >= 0.5 * rise:
+        return "rose then collapsed"
+    if s.index(lo) in inside and drop >= 0.3 * span and tail - lo >= 0.5 * drop:
+        return "fell then recovered"
+    net = tail - head
+    if abs(net) < 0.3 * span:
+        return "no clear trend"
+    up = net > 0
+    if higher_is_better is None:
+        word = "rising" if up else "falling"
+    else:
+        word = "improving" if up == higher_is_better else ("declining" if higher_is_better else "worsening")
+    slow = abs(net) < 0.25 * max(abs(head), abs(tail))
+    return f"slowly {word}" if slow else word
+
+
+def value_at(run: Run, key: str, step: int) -> float | None:
+    """The value logged at ``step``, or at the latest logged step before it when ``step`` itself was not logged."""
+    before = [r for r in run.rows if r["step"] <= step]
+    if not before:
+        return None
+    value = before[-1].get(key)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def pick_steps(last_step: int, steps: list[int] | None = None) -> list[int]:
+    """Chosen steps below the last one, then the last step: ``pick_steps(30)`` -> [6, 25, 30]."""
+    chosen = sorted({s for s in (steps if steps is not None else DEFAULT_STEPS) if 0 <= s < last_step})
+    return chosen + [last_step]
+
+
+def fmt(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+@dataclass
+class Table:
+    title: str
+    header: list[str]
+    rows: list[list[str]]
+    note: str = ""
+
+
+def results_summary(run: Run, steps: list[int] | None = None) -> Table:
+    """Rows = key metrics, columns = chosen steps (+ last) and the trend in words."""
+    cols = pick_steps(run.last_step, steps)
+    header = ["metric"] + [f"step {s}" for s in cols[:-1]] + [f"last ({cols[-1]})", "trend"]
+    rows = []
+    for label, key, better in SUMMARY_METRICS:
+        _, values = run.series(key)
+        if values:
+            rows.append([label] + [fmt(value_at(run, key, s)) for s in cols] + [trend_words(values, better)])
+    return Table(f"Results summary: {run.name}", header, rows)
+
+
+def worst_health(run: Run) -> str:
+    codes = [r.get("health/overall") for r in run.rows]
+    codes = [c for c in codes if c in HEALTH_WORDS] + [HEALTH_CODES.get(e.get("verdict"), 0) for e in run.health]
+    return HEALTH_WORDS[max(codes)] if codes else "n/a"
+
+
+def comparison_table(runs: list[Run]) -> Table:
+    """One row per run: last-step values, held-out accuracy before -> after, worst health verdict, score trend."""
+    header = ["run", "last step", "score", "entropy", "KL", "correct length", "held-out before", "held-out after", "worst health", "score trend"]
+    rows = []
+    for run in runs:
+        last = [fmt(value_at(run, k, run.last_step)) for k in ("critic/score/mean", "actor/entropy", "actor/kl_loss", "response_length/pos/mean")]
+        rows.append(
+            [run.name, str(run.last_step), *last]
+            + [fmt(run.eval.get("heldout_accuracy_before")), fmt(run.eval.get("heldout_accuracy_after"))]
+            + [worst_health(run), trend_words(run.series("critic/score/mean")[1], True)]
+        )
+    return Table("Comparison", header, rows)
+
+
+def config_diff(runs: list[Run]) -> Table:
+    """Only the dotted config keys whose values differ between runs; one column per run."""
+    flat = [flatten(run.config) for run in runs]
+    keys = sorted(set().union(*flat))
+    missing = object()
+    rows = []
+    for key in keys:
+        values = [f.get(key, missing) for f in flat]
+        if len({json.dumps(v, sort_keys=True, default=str) if v is not missing else "\0" for v in values}) > 1:
+            rows.append([key] + ["(absent)" if v is missing else fmt(v) for v in values])
+    return Table("Config diff", ["key"] + [run.name for run in runs], rows, "" if rows else "the configs are identical")
+
+
+# --------------------------------------------------------------------------- health criteria
+
+
+def health_summary(run: Run) -> dict[str, dict]:
+    """Per rule the latest value and verdict, from the run's own files.
+
+    Uses ``keel.monitor.summarize`` when the monitor module provides it; otherwise the latest
+    ``health.jsonl`` event per rule plus the rule's metric (rule name = metric key) from ``metrics.jsonl``.
+    Returns ``{rule: {"value": float | None, "verdict": "good"|"watch"|"bad", "reason": str}}``.
+    """
+    try:
+        from keel.monitor import summarize  # written alongside; optional until it lands
+    except ImportError:
+        summarize = None
+    if summarize is not None:
+        return summarize(run.path)
+    out: dict[str, dict] = {}
+    for event in sorted(run.health, key=lambda e: e.get("step", 0)):
+        rule = str(event.get("rule", "?"))
+        steps, values = run.series(rule)
+        out[rule] = {
+            "value": values[-1] if values else None,
+            "verdict": event.get("verdict", "n/a"),
+            "reason": event.get("reason", ""),
+            "step": event.get("step"),
+        }
+    return out
+
+
+def criteria_rows(summary: dict) -> list[list[str]]:
+    """``{rule: {"value"|"latest": x, "verdict": v, "reason"|"threshold"|"condition": ...}}`` -> table rows."""
+    rows = []
+    for rule, info in summary.items():
+        if not isinstance(info, dict):
+            continue
+        value = info.get("value", info.get("latest"))
+        detail = info.get("reason") or info.get("condition") or info.get("threshold") or ""
+        rows.append([str(rule), fmt(value), str(info.get("verdict", "n/a")), str(detail)])
+    return rows
+
+
+def criteria_table(runs: list[Run]) -> Table:
+    if len(runs) == 1:
+        rows = criteria_rows(health_summary(runs[0]))
+        return Table("Health criteria", ["rule", "latest", "verdict", "detail"], rows, "" if rows else "no health events")
+    per_run = [health_summary(run) for run in runs]
+    rules = list(dict.fromkeys(rule for s in per_run for rule in s))
+    rows = [[rule] + [" ".join(criteria_rows({rule: s[rule]})[0][1:3]) if rule in s else "n/a" for s in per_run] for rule in rules]
+    return Table("Health criteria (latest value, verdict)", ["rule"] + [run.name for run in runs], rows, "" if rows else "no health events")
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def health_spans(steps: list[int], codes: list[int | None]) -> list[tuple[float, float, int]]:
+    """Runs of equal non-good verdicts -> (x_start, x_end, code), each step covering [step - 0.5, step + 0.5]."""
+    spans: list[list] = []
+    previous = None  # code of the previous logged step
+    for step, code in zip(steps, codes):
+        if code in (1, 2):
+            if code == previous:
+                spans[-1][1] = step + 0.5
+            else:
+                spans.append([step - 0.5, step + 0.5, code])
+        previous = code
+    return [tuple(span) for span in spans]
+
+
+def run_health_codes(run: Run) -> tuple[list[int], list[int]]:
+    """Per-step overall verdict: ``health/overall`` from metrics, else the worst health.jsonl event at each step."""
+    steps, codes = run.series("health/overall")
+    if steps:
+        return steps, [int(c) for c in codes]
+    worst: dict[int, int] = {}
+    for e in run.health:
+        if isinstance(e.get("step"), int):
+            worst[e["step"]] = max(worst.get(e["step"], 0), HEALTH_CODES.get(e.get("verdict"), 0))
+    return sorted(worst), [worst[s] for s in sorted(worst)]
+
+
+def plot_panel(runs: list[Run], panel: Panel) -> Figure | None:
+    """The panel's curves for every run (None when no run logged any of its keys).
+
+    Line labels: the key for one run, the run name for one key, else ``"run: key"``.
+    """
+    if not any(run.series(key)[0] for run in runs for key in panel.keys):
+        return None
+    groups = [[key] for key in panel.keys] if panel.split else [panel.keys]
+    fig = Figure(figsize=(6.4, 3.2) if len(groups) == 1 else (9.6, 3.2), dpi=100)
+    for i, keys in enumerate(groups):
+        ax = fig.add_subplot(1, len(groups), i + 1)
+        for run in runs:
+            for key in keys:
+                steps, values = run.series(key)
+                if not steps:
+                    continue
+                label = key if len(runs) == 1 else run.name if len(panel.keys) == 1 else f"{run.name}: {key}"
+                (line,) = ax.plot(steps, values, label=label, linewidth=1.4)
+                if panel.name == "entropy" and len(runs) > 1:  # several runs: mark bad steps on each curve
+                    h_steps, h_codes = run_health_codes(run)
+                    bad = [s for s, c in zip(h_steps, h_codes) if c == 2 and s in steps]
+                    ax.scatter(bad, [values[steps.index(s)] for s in bad], marker="x", color=line.get_color(), zorder=3)
+        if panel.name == "entropy" and len(runs) == 1:
+            shade_health(ax, *run_health_codes(runs[0]))
+        ax.set_xlabel("step")
+        ax.set_title(keys[0] if len(groups) > 1 else panel.title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=max(1, math.ceil(len(ax.get_lines()) / 12)))
+    if len(groups) > 1:
+        fig.suptitle(panel.title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def shade_health(ax, steps: list[int], codes: list[int]) -> None:
+    labelled = set()
+    for x0, x1, code in health_spans(steps, codes):
+        label = None if code in labelled else f"health: {HEALTH_WORDS[code]}"
+        labelled.add(code)
+        ax.axvspan(x0, x1, color=HEALTH_COLORS[code], alpha=0.3, linewidth=0, label=label)
+
+
+def figure_png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- samples
+
+
+def pick_samples(samples: list[dict], per_phase: int = 2) -> list[tuple[str, int, list[dict]]]:
+    """Completions from the first, middle and last logged step: [(phase, step, rows)]."""
+    steps = sorted({s["step"] for s in samples if isinstance(s.get("step"), int)})
+    if not steps:
+        return []
+    phases = {"early": steps[0], "middle": steps[len(steps) // 2], "late": steps[-1]}
+    out, used = [], set()
+    for phase, step in phases.items():
+        if step in used:  # fewer than three logged steps
+            continue
+        used.add(step)
+        out.append((phase, step, [s for s in samples if s.get("step") == step][:per_phase]))
+    return out
+
+
+def clip_text(text: Any, limit: int = 1500) -> str:
+    text = str(text)
+    return text if len(text) <= limit else text[:limit] + f" ... [{len(text) - limit} more characters]"
+
+
+# --------------------------------------------------------------------------- rendering
+# The report is a list of blocks, rendered once as HTML and once as Markdown so the two never drift:
+# ("h2", text) | ("p", text) | ("table", Table) | ("img", name, png bytes) | ("samples", run name, picked)
+
+
+def html_table(t: Table) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in t.header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in t.rows)
+    note = f"<p class='note'>{html.escape(t.note)}</p>" if t.note else ""
+    return f"<h3>{html.escape(t.title)}</h3>\n<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{note}"
+
+
+def md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def md_table(t: Table) -> str:
+    lines = [f"### {t.title}", ""]
+    if t.rows:
+        lines += ["| " + " | ".join(map(md_cell, t.header)) + " |", "|" + "---|" * len(t.header)]
+        lines += ["| " + " | ".join(map(md_cell, row)) + " |" for row in t.rows]
+    if t.note:
+        lines += ["", f"_{t.note}_"]
+    return "\n".join(lines)
+
+
+CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:.9em}th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left}
+th{background:#f3f3f3}img{max-width:100%;display:block;margin:.5em 0}.note{color:#666;font-style:italic}
+pre{background:#f7f7f7;padding:.6em;white-space:pre-wrap;font-size:.85em}"""
+
+
+def render_html(title: str, blocks: list[tuple]) -> str:
+    parts = [f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{CSS}</style></head><body>",
+             f"<h1>{html.escape(title)}</h1>"]
+    for block in blocks:
+        kind = block[0]
+        if kind == "h2":
+            parts.append(f"<h2>{html.escape(block[1])}</h2>")
+        elif kind == "p":
+            parts.append(f"<p>{html.escape(block[1])}</p>")
+        elif kind == "table":
+            parts.append(html_table(block[1]))
+        elif kind == "img":
+            data = base64.b64encode(block[2]).decode("ascii")
+            parts.append(f"<img alt='{html.escape(block[1])}' src='data:image/png;base64,{data}'>")
+        elif kind == "samples":
+            parts.append(f"<h3>{html.escape(block[1])}</h3>")
+            for phase, step, rows in block[2]:
+                parts.append(f"<h4>{phase} (step {step})</h4>")
+                for s in rows:
+                    parts.append(f"<p>score {html.escape(fmt(s.get('score')))}</p>"
+                                 f"<pre>{html.escape(clip_text(s.get('prompt', '')))}</pre>"
+                                 f"<pre>{html.escape(clip_text(s.get('response', '')))}</pre>")
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+def render_markdown(title: str, blocks: list[tuple]) -> str:
+    parts = [f"# {title}"]
+    for block in blocks:
+        kind = block[0]
+        if kind == "h2":
+            parts.append(f"## {block[1]}")
+        elif kind == "p":
+            parts.append(block[1])
+        elif kind == "table":
+            parts.append(md_table(block[1]))
+        elif kind == "img":
+            parts.append(f"![{block[1]}](plots/{block[1]}.png)")
+        elif kind == "samples":
+            parts.append(f"### {block[1]}")
+            for phase, step, rows in block[2]:
+                parts.append(f"#### {phase} (step {step})")
+                for s in rows:
+                    fence = lambda text: "```text\n" + clip_text(text).replace("```", "'''") + "\n```"  # noqa: E731
+                    parts.append(f"score {fmt(s.get('score'))}\n\n{fence(s.get('prompt', ''))}\n\n{fence(s.get('response', ''))}")
+    return "\n\n".join(parts) + "\n"
+
+
+def facts_table(run: Run) -> Table:
+    """meta.json and eval.json flattened to key / value rows."""
+    rows = [[k, fmt(v)] for k, v in flatten(run.meta).items()]
+    rows += [[f"eval.{k}", fmt(v)] for k, v in run.eval.items()]
+    return Table(f"Run facts: {run.name}", ["key", "value"], rows, "" if rows else "no meta.json / eval.json")
+
+
+def build_blocks(runs: list[Run], sweeps: list[Sweep], steps: list[int] | None) -> tuple[list[tuple], dict[str, bytes]]:
+    blocks: list[tuple] = [("h2", "Results")]
+    if len(runs) > 1:
+        blocks.append(("table", comparison_table(runs)))
+    blocks += [("table", results_summary(run, steps)) for run in runs]
+    if len(runs) > 1:
+        blocks.append(("table", config_diff(runs)))
+    for sweep in sweeps:
+        blocks.append(("table", Table(f"Sweep summary: {sweep.path.name}", sweep.header, sweep.rows)))
+    blocks.append(("h2", "Curves"))
+    plots: dict[str, bytes] = {}
+    for panel in PANELS:
+        fig = plot_panel(runs, panel)
+        if fig is None:
+            blocks.append(("p", f"{panel.title}: not logged ({', '.join(panel.keys)})"))
+            continue
+        plots[panel.name] = figure_png(fig)
+        blocks.append(("img", panel.name, plots[panel.name]))
+    blocks += [("h2", "Health"), ("table", criteria_table(runs))]
+    blocks.append(("h2", "Runs"))
+    for run in runs:
+        blocks.append(("table", facts_table(run)))
+        picked = pick_samples(run.samples)
+        if picked:
+            blocks.append(("samples", f"Sample completions: {run.name}", picked))
+    return blocks, plots
+
+
+def write_report(paths: list[str], out_dir: str | None = None, steps: list[int] | None = None) -> Path:
+    """Write report.html (self-contained) and report.md + plots/*.png; return the HTML path.
+
+    Default ``out_dir``: the run (or sweep) directory when one path is given, else ``./report``.
+    """
+    if not paths:
+        raise KeelError("keel report needs at least one run or sweep directory")
+    runs, sweeps = collect(paths)
+    if not runs:
+        raise KeelError(f"no runs with a metrics.jsonl found under {', '.join(map(str, paths))}")
+    out = Path(out_dir) if out_dir is not None else Path(paths[0]) if len(paths) == 1 else Path("report")
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    title = f"Keel report: {runs[0].name}" if len(runs) == 1 else f"Keel report: {len(runs)} runs"
+    blocks, plots = build_blocks(runs, sweeps, steps)
+    for name, png in plots.items():
+        (out / "plots" / f"{name}.png").write_bytes(png)
+    (out / "report.md").write_text(render_markdown(title, blocks), encoding="utf-8")
+    (out / "report.html").write_text(render_html(title, blocks), encoding="utf-8")
+    return out / "report.html"
+
+
+def parse_steps(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip() and s.strip() != "last"]
+    except ValueError:
+        raise KeelError(f"--steps must be comma-separated integers like 6,25,50, got {text!r}") from None
+
+
+def report_main(argv: list[str]) -> int:
+    """``keel report PATH [PATH...] [--out DIR] [--steps 6,25,50]``."""
+    parser = argparse.ArgumentParser(prog="keel report", description="Write report.html / report.md for runs or a sweep.")
+    parser.add_argument("paths", nargs="+", help="run directories (with metrics.jsonl) or sweep directories (with summary.csv)")
+    parser.add_argument("--out", default=None, help="output folder (default: the run dir, or ./report for several)")
+    parser.add_argument("--steps", default=None, help="steps shown in the results summary besides the last (default 6,25,50)")
+    args = parser.parse_args(argv)
+    path = write_report(args.paths, args.out, parse_steps(args.steps) if args.steps else None)
+    print(f"wrote {path} and {path.with_suffix('.md')}")
+    return 0

@@ -1,0 +1,139 @@
+"""Rollouts: G sampled completions for each prompt, as fast as the CPU allows.
+
+The ``hf`` backend is Keel's own sampler over :class:`keel.modeling.LeanForward`:
+
+1. prefill each *distinct* prompt once (left-padded to a common length), then copy
+   its KV cache G times — the group shares its prompt;
+2. decode one token per step for all live rows with a preallocated cache;
+3. when enough rows have emitted EOS, drop them from the batch (compaction), so the
+   tail of a rollout decodes only the long answers instead of padding.
+
+Sampling: p = softmax(z / temperature), optional nucleus (top-p) truncation, one
+``torch.multinomial`` draw per row from the caller's generator, so a rollout is a
+pure function of (weights, prompts, generator state).
+
+Models outside the Llama family fall back to ``model.generate`` (same sampling
+parameters, no compaction). The ``vllm`` backend lives in :mod:`keel.rollout_vllm`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from keel.modeling import LeanForward
+
+COMPACT_FRACTION = 0.25  # compact the batch once this share of live rows has finished
+
+
+@dataclass
+class Rollout:
+    """B*G completions, group-major (rows g*G .. g*G+G-1 answer prompt g)."""
+
+    prompt_ids: list[list[int]]  # (B*G,) prompt token ids (no padding)
+    response_ids: list[list[int]]  # (B*G,) sampled ids, EOS included when the row stopped
+    finished: list[bool]  # stopped with EOS (False = clipped at max_new_tokens)
+    n_generated: int  # tokens sampled in total (throughput)
+
+    @property
+    def response_lengths(self) -> list[int]:
+        return [len(r) for r in self.response_ids]
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
+    """logits (A, V) -> token ids (A,)."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        cumulative = sorted_p.cumsum(-1)
+        sorted_p[(cumulative - sorted_p) >= top_p] = 0.0  # keep the smallest prefix reaching top_p
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], group_size: int, max_new_tokens: int, temperature: float,
+             top_p: float, eos_id: int, pad_id: int, generator: torch.Generator,
+             lean: LeanForward | None = None) -> Rollout:
+    """Sample `group_size` completions for each prompt (token-id lists)."""
+    if lean is None:
+        return _generate_hf(model, prompts, group_size, max_new_tokens, temperature, top_p, eos_id, pad_id, generator)
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    B, G = len(prompts), group_size
+    P = max(len(p) for p in prompts)
+    # ---- prefill the B distinct prompts, left-padded to P
+    ids = torch.full((B, P), pad_id, dtype=torch.long, device=device)
+    key_mask = torch.zeros(B, P, dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.tensor(p, device=device)
+        key_mask[i, P - len(p):] = True
+    positions = (key_mask.cumsum(1) - 1).clamp(min=0)  # (B, P): real tokens at 0..len-1
+    cache = lean.new_cache(B, P + max_new_tokens, dtype, device)
+    logits = lean.step(ids, positions, cache, 0, key_mask)  # (B, V)
+    # ---- copy each prompt's state to its G group members
+    logits = logits.repeat_interleave(G, 0)  # (B*G, V)
+    cache = [kv.repeat_interleave(G, dim=1) for kv in cache]
+    key_mask = key_mask.repeat_interleave(G, 0)
+    next_pos = positions[:, -1:].repeat_interleave(G, 0) + 1  # (B*G, 1)
+    N = B * G
+    out = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    lengths = torch.zeros(N, dtype=torch.long, device=device)
+    finished = torch.zeros(N, dtype=torch.bool, device=device)
+    rows = torch.arange(N, device=device)  # batch slot -> output row
+    live = torch.ones(N, dtype=torch.bool, device=device)  # slots still decoding
+    n_generated = 0
+    # ---- decode
+    for t in range(max_new_tokens):
+        tok = _sample(logits, temperature, top_p, generator)  # (A,)
+        out[rows[live], t] = tok[live]
+        lengths[rows[live]] += 1
+        n_generated += int(live.sum())
+        stopped = live & (tok == eos_id)
+        finished[rows[stopped]] = True
+        live = live & ~stopped
+        n_live = int(live.sum())
+        if n_live == 0 or t == max_new_tokens - 1:
+            break
+        if len(rows) - n_live >= max(1, int(COMPACT_FRACTION * len(rows))):  # drop finished rows
+            keep = live.nonzero().squeeze(-1)
+            cache = [kv[:, keep] for kv in cache]
+            key_mask, next_pos, tok, rows = key_mask[keep], next_pos[keep], tok[keep], rows[keep]
+            live = torch.ones(len(rows), dtype=torch.bool, device=device)
+        key_mask = torch.cat([key_mask, torch.ones(len(rows), 1, dtype=torch.bool, device=device)], dim=1)
+        logits = lean.step(tok[:, None], next_pos, cache, P + t, key_mask)
+        next_pos = next_pos + 1
+    out_list = out.tolist()
+    response_ids = [row[:n] for row, n in zip(out_list, lengths.tolist())]
+    prompt_rows = [list(p) for p in prompts for _ in range(G)]
+    return Rollout(prompt_rows, response_ids, finished.tolist(), n_generated)
+
+
+def _generate_hf(model, prompts, G, max_new_tokens, temperature, top_p, eos_id, pad_id, generator) -> Rollout:
+    """Fallback for architectures LeanForward does not cover: transformers' generate()."""
+    device = next(model.parameters()).device
+    P = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), P, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.tensor(p)
+        mask[i, P - len(p):] = 1
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        seqs = model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True, temperature=temperature,
+            top_p=top_p, top_k=0, max_new_tokens=max_new_tokens, num_return_sequences=G,
+            eos_token_id=eos_id, pad_token_id=pad_id,
+        )
+    new = seqs[:, P:].tolist()
+    response_ids, finished = [], []
+    for row in new:
+        cut = row.index(eos_id) + 1 if eos_id in row else len(row)
+        while cut > 0 and row[cut - 1] == pad_id and pad_id != eos_id:
+            cut -= 1
+        response_ids.append(row[:cut])
+        finished.append(eos_id in row[:cut])
+    prompt_rows = [list(p) for p in prompts for _ in range(G)]
+    return Rollout(prompt_rows, response_ids, finished, sum(len(r) for r in response_ids))

@@ -1,0 +1,458 @@
+"""The GRPO recipe: generate -> reward -> advantage -> loss -> update -> judge -> log.
+
+Shapes: B prompts per step (data.train_batch_size), G completions per prompt
+(actor_rollout_ref.rollout.n), N = B*G rows, R longest response.
+
+Everything random in step t is drawn from generators seeded by (trainer.seed, t), so
+a run resumed from a checkpoint of step s replays steps s+1.. exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from keel import actor, algorithms, checkpoint, metrics, rollout
+from keel.config import EMBEDDED, KeelConfig, to_dict
+from keel.control import make_controller
+from keel.data import PromptRow, filter_by_length, load_rows
+from keel.errors import KeelError
+from keel.evaluate import evaluate
+from keel.modeling import LeanForward, build_embedded, count_parameters, load_model_and_tokenizer
+from keel.monitor import Monitor, load_rules
+from keel.rewards import build_reward
+from keel.tasks import DATA_SOURCE, TASK_ALPHABET, split_problems
+from keel.tracking import Tracker
+
+
+# --------------------------------------------------------------------------- setup
+
+
+@dataclass
+class Policy:
+    model: torch.nn.Module
+    tokenizer: object
+    lean: LeanForward | None
+    device: torch.device
+
+
+def set_threads(n: int) -> None:
+    """On a 2-core machine oversubscription is deadly: use exactly n intra-op threads."""
+    if n > 0:
+        torch.set_num_threads(n)
+        os.environ.setdefault("OMP_NUM_THREADS", str(n))
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise KeelError("config key 'trainer.device' is cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+def load_policy(cfg: KeelConfig, device: torch.device) -> Policy:
+    if cfg.model.path == EMBEDDED:
+        model, tokenizer = build_embedded(TASK_ALPHABET, seed=cfg.trainer.seed)
+    else:
+        model, tokenizer = load_model_and_tokenizer(cfg.model.path, cfg.model.tokenizer_path, cfg.model.dtype)
+    model.to(device)
+    model.config.use_cache = False
+    lean = LeanForward(model) if LeanForward.supports(model) else None
+    return Policy(model, tokenizer, lean, device)
+
+
+def embedded_rows(problems) -> list[PromptRow]:
+    return [PromptRow(p.prompt, str(p.answer), DATA_SOURCE, {}, {}) for p in problems]
+
+
+def load_prompts(cfg: KeelConfig, tokenizer) -> tuple[list, list, list, list, dict]:
+    """(train rows, train prompt ids, val rows, val prompt ids, stats)."""
+    stats: dict = {}
+    train_split, held_split = (split_problems(cfg.task) if EMBEDDED in (cfg.data.train_files, cfg.data.val_files)
+                               else ([], []))
+    splits = []
+    for files, embedded in ((cfg.data.train_files, train_split), (cfg.data.val_files, held_split)):
+        if files == EMBEDDED:
+            rows = embedded_rows(embedded)
+            texts = [r.prompt for r in rows]
+            dropped = 0
+        else:
+            rows, st = load_rows(files, cfg.data)
+            stats.update({f"data/{k}": v for k, v in st.items()})
+            rows, texts, dropped = filter_by_length(rows, tokenizer, cfg.data)
+        ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        splits.append((rows, ids, dropped))
+    (train_rows, train_ids, train_dropped), (val_rows, val_ids, _) = splits
+    if not train_rows:
+        raise KeelError(f"data.train_files {cfg.data.train_files!r}: no usable prompts (all dropped or empty)")
+    if cfg.data.val_size and len(val_rows) > cfg.data.val_size:
+        val_rows, val_ids = val_rows[: cfg.data.val_size], val_ids[: cfg.data.val_size]
+    stats["data/dropped_overlong_prompts"] = train_dropped
+    return train_rows, train_ids, val_rows, val_ids, stats
+
+
+def make_run_dir(cfg: KeelConfig) -> Path:
+    t = cfg.trainer
+    if t.run_dir:
+        return Path(t.run_dir)
+    root = Path(t.default_local_dir)
+    if t.resume == "auto":  # continue the newest run of this experiment
+        previous = sorted(root.glob(f"{t.experiment_name}-*"))
+        if previous:
+            return previous[-1]
+    return root / f"{t.experiment_name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def run_metadata(cfg: KeelConfig, policy: Policy) -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    import transformers
+
+    from keel import __version__
+
+    return {
+        "keel_version": __version__, "git_commit": commit, "seed": cfg.trainer.seed, "argv": sys.argv,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__, "numpy": np.__version__},
+        "hardware": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "device": str(policy.device),
+                     "torch_threads": torch.get_num_threads(),
+                     "cuda": torch.cuda.get_device_name(0) if policy.device.type == "cuda" else None},
+        "model": {"path": cfg.model.path, "parameters": count_parameters(policy.model),
+                  "vocab_size": len(policy.tokenizer), "lean_forward": policy.lean is not None},
+        "start_time": datetime.now(timezone.utc).isoformat(),
+    }
+
+
+def step_prompts(n_rows: int, batch: int, seed: int, step: int) -> np.ndarray:
+    """Indices of the prompts of step `step` (1-based): epoch-wise shuffles derived from the seed."""
+    start = (step - 1) * batch
+    idx = []
+    while len(idx) < batch:
+        epoch, offset = divmod(start + len(idx), n_rows)
+        perm = np.random.default_rng([seed, epoch]).permutation(n_rows)
+        idx.extend(perm[offset : offset + batch - len(idx)].tolist())
+    return np.array(idx)
+
+
+def truncate_jsonl(path: Path, after_step: int) -> None:
+    """Drop lines of steps > after_step (they will be replayed after a resume or rollback)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= after_step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            break  # a line cut by a crash: everything from here on is gone
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+
+
+def append_jsonl(path: Path, records: list[dict]) -> None:
+    if records:
+        with open(path, "a") as f:
+            for r in records:
+                f.write(json.dumps(metrics.clean_for_json(r)) + "\n")
+
+
+# --------------------------------------------------------------------------- training
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    eval: dict
+    stopped: str | None = None  # reason, when the monitor or the non-finite guard stopped the run
+    exit_code: int = 0
+
+
+def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
+    a, r, t = cfg.actor, cfg.rollout, cfg.trainer
+    set_threads(t.num_threads)
+    device = pick_device(t.device)
+    policy = load_policy(cfg, device)
+    model, tok, lean = policy.model, policy.tokenizer, policy.lean
+    train_rows, train_ids, val_rows, val_ids, data_stats = load_prompts(cfg, tok)
+    reward_fn = build_reward(cfg)
+    B, G = cfg.data.train_batch_size, r.n
+    if B > len(train_rows):
+        raise KeelError(f"config key 'data.train_batch_size' ({B}) exceeds the {len(train_rows)} training prompts")
+    controller = make_controller(cfg.control, a.entropy_coeff, a.kl_loss_coef if a.use_kl_loss else 0.0)
+    # the reference policy is only needed if a KL term can ever be non-zero
+    needs_ref = a.use_kl_loss and (a.kl_loss_coef > 0 or cfg.control.type == "band" or cfg.monitor.action == "rollback")
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if needs_ref else None
+    ref_lean = LeanForward(ref_model) if (ref_model is not None and lean is not None) else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=a.optim.lr, weight_decay=a.optim.weight_decay,
+                                  betas=tuple(a.optim.betas))
+    monitor = Monitor(load_rules(cfg.monitor.rules, vocab_size=len(tok), extra=cfg.monitor.extra_rules))
+    loss_cfg = actor.LossConfig(a.clip_ratio_low if a.clip_ratio_low is not None else a.clip_ratio,
+                                a.clip_ratio_high if a.clip_ratio_high is not None else a.clip_ratio,
+                                a.clip_ratio_c, a.loss_agg_mode, a.entropy_coeff, a.kl_loss_coef, a.kl_loss_type,
+                                ref_model is not None, r.temperature, a.entropy_chunk_size,
+                                norm_len=cfg.data.max_response_length)
+    algorithms.get_loss_agg_mode(a.loss_agg_mode), algorithms.get_kl_type(a.kl_loss_type)  # fail early on bad names
+    adv_fn = algorithms.get_adv_estimator(cfg.algorithm.adv_estimator)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.model.dtype == "bfloat16")
+
+    run_dir = make_run_dir(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state = {"step": 0, "nonfinite_skips": 0, "nonfinite_in_row": 0, "rollbacks": 0, "eval_before": None,
+             "last_good_ckpt_step": None}
+    resumed = checkpoint.find_latest(run_dir) if t.resume == "auto" else None
+    if resumed is not None:
+        saved = checkpoint.load_checkpoint(resumed, model, optimizer)
+        state.update(saved["trainer"])
+        controller.load_state_dict(saved["controller"])
+        monitor.load_state_dict(saved["monitor"])
+        for name in ("metrics.jsonl", "samples.jsonl", "health.jsonl"):
+            truncate_jsonl(run_dir / name, state["step"])
+        log(f"resumed from {resumed.path} (step {state['step']})")
+    meta = run_metadata(cfg, policy)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    (run_dir / "meta.json").write_text(json.dumps(meta, indent=1))
+    tracker = Tracker([x for x in t.logger if x != "console"], str(run_dir), t.project_name, t.experiment_name,
+                      to_dict(cfg))
+    log(f"run dir: {run_dir}  ({meta['model']['parameters']:,} parameters, {len(train_rows)} train / "
+        f"{len(val_rows)} held-out prompts, {torch.get_num_threads()} thread(s), {device})")
+
+    def held_out_accuracy() -> dict:
+        with autocast:
+            return evaluate(model, lean, tok, val_ids, val_rows, reward_fn, k=1,
+                            max_new_tokens=cfg.data.max_response_length, temperature=r.temperature,
+                            top_p=r.top_p, seed=t.seed + 7)
+
+    def save(step: int, extra: dict | None = None) -> Path:
+        st = {"trainer": dict(state), "controller": controller.state_dict(), "monitor": monitor.state_dict(),
+              **(extra or {})}
+        return checkpoint.save_checkpoint(run_dir, step, model, optimizer, st, keep=t.max_ckpt_to_keep)
+
+    if state["eval_before"] is None and t.val_before_train:
+        state["eval_before"] = held_out_accuracy()
+        log(f"held-out accuracy before GRPO: {state['eval_before']['mean@1']:.3f} (n={state['eval_before']['n']})")
+
+    bar = _progress(progress and "console" in t.logger, t.total_training_steps, state["step"])
+    stopped, exit_code = None, 0
+    model.train()
+    try:
+        for step in range(state["step"] + 1, t.total_training_steps + 1):
+            timing: dict[str, float] = {}
+            t_step = time.perf_counter()
+            entropy_coeff, kl_coef = controller.coefficients()
+            loss_cfg.entropy_coeff, loss_cfg.kl_loss_coef = entropy_coeff, kl_coef
+            gen = torch.Generator().manual_seed(t.seed * 1_000_003 + step)
+
+            # ---- 1. generate: G completions for each of B prompts
+            t0 = time.perf_counter()
+            idx = step_prompts(len(train_rows), B, t.seed, step)
+            batch_rows = [train_rows[i] for i in idx]
+            model.eval()
+            with autocast:
+                out = rollout.generate(model, [train_ids[i] for i in idx], G, cfg.data.max_response_length,
+                                       r.temperature, r.top_p, tok.eos_token_id, tok.pad_token_id, gen, lean=lean)
+            model.train()
+            timing["timing_s/gen"] = time.perf_counter() - t0
+
+            # ---- 2. reward every completion
+            t0 = time.perf_counter()
+            texts = tok.batch_decode(out.response_ids, skip_special_tokens=True)
+            prompts_text = [str(row.prompt) for row in batch_rows for _ in range(G)]
+            rows_per_completion = [row for row in batch_rows for _ in range(G)]
+            scores, reward_metrics = reward_fn(prompts_text, texts, rows_per_completion, out.response_lengths)
+            timing["timing_s/reward"] = time.perf_counter() - t0
+
+            # ---- 3. advantages: A_i = (r_i - mean_group) / (std_group + eps)
+            score_t = torch.tensor(scores, dtype=torch.float32)  # (N,)
+            advantages = adv_fn(score_t, G, norm_adv_by_std_in_grpo=cfg.algorithm.norm_adv_by_std_in_grpo)
+
+            # ---- 4. old / reference log-probs (skipped when they are provably not needed)
+            packed = actor.pack(out.prompt_ids, out.response_ids, tok.pad_token_id, device)
+            n_mini = B // a.ppo_mini_batch_size
+            on_policy = a.ppo_epochs == 1 and n_mini == 1  # old log-probs == current ones
+            t0 = time.perf_counter()
+            with autocast:
+                old_logp = None if on_policy else actor.compute_logprobs(model, lean, packed, r.temperature,
+                                                                         a.entropy_chunk_size)[0]
+            timing["timing_s/old_log_prob"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            with autocast:
+                ref_logp = (actor.compute_logprobs(ref_model, ref_lean, packed, r.temperature, a.entropy_chunk_size)[0]
+                            if ref_model is not None and kl_coef > 0 else None)
+            timing["timing_s/ref"] = time.perf_counter() - t0
+
+            # ---- 5. update: ppo_epochs x mini-batches of whole groups
+            t0 = time.perf_counter()
+            update_metrics: dict[str, list[float]] = {}
+            for epoch in range(a.ppo_epochs):
+                order = torch.from_numpy(np.random.default_rng([t.seed, step, epoch]).permutation(B))
+                for m in range(n_mini):
+                    groups = order[m * a.ppo_mini_batch_size : (m + 1) * a.ppo_mini_batch_size]
+                    rows = (groups[:, None] * G + torch.arange(G)).flatten()  # (mb*G,)
+                    mb = packed.select(rows)
+                    with autocast:
+                        loss, lm, _ = actor.grpo_loss(model, lean, mb, advantages[rows].to(device),
+                                                      None if old_logp is None else old_logp[rows],
+                                                      None if ref_logp is None else ref_logp[rows], loss_cfg)
+                    optimizer.zero_grad(set_to_none=True)
+                    finite = bool(torch.isfinite(loss))
+                    if finite:
+                        loss.backward()
+                        clip = a.grad_clip if a.grad_clip > 0 else float("inf")
+                        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+                        finite = math.isfinite(grad_norm)
+                    if finite:
+                        for group in optimizer.param_groups:
+                            group["lr"] = _lr(a.optim, step)
+                        optimizer.step()
+                        lm["actor/grad_norm"] = grad_norm
+                        state["nonfinite_in_row"] = 0
+                    else:  # skip the update: a NaN/inf gradient must never reach the weights
+                        optimizer.zero_grad(set_to_none=True)
+                        state["nonfinite_skips"] += 1
+                        state["nonfinite_in_row"] += 1
+                    for k, v in lm.items():
+                        update_metrics.setdefault(k, []).append(v)
+            timing["timing_s/update_actor"] = time.perf_counter() - t0
+            timing["timing_s/step"] = time.perf_counter() - t_step
+
+            # ---- 6. metrics (verl names), health verdict, controller, logging
+            step_metrics = {k: _finite_mean(v) for k, v in update_metrics.items()}
+            step_metrics.update(metrics.response_metrics(texts, scores, out.response_lengths,
+                                                         cfg.data.max_response_length, G))
+            step_metrics.update(metrics.regularizer_balance(step_metrics.get("actor/entropy"),
+                                                            step_metrics.get("actor/kl_loss"), entropy_coeff, kl_coef))
+            step_metrics.update(reward_metrics)
+            step_metrics.update(controller.metrics())
+            step_metrics.update({"actor/entropy_coeff": entropy_coeff, "actor/kl_coef": kl_coef,
+                                 "actor/lr": _lr(a.optim, step), "actor/nonfinite_skips": state["nonfinite_skips"],
+                                 "critic/advantages/max": float(advantages.max()),
+                                 "critic/advantages/min": float(advantages.min()),
+                                 "perf/total_num_tokens": int(packed.mask.sum()),
+                                 "perf/throughput": int(packed.mask.sum()) / max(timing["timing_s/step"], 1e-9),
+                                 "perf/gen_tokens_per_s": out.n_generated / max(timing["timing_s/gen"], 1e-9)})
+            step_metrics.update(timing)
+            if step == 1:
+                step_metrics.update(data_stats)
+            verdict = monitor.observe(step, step_metrics)
+            step_metrics.update(monitor.metrics(verdict))
+            controller.update(step, step_metrics.get("actor/entropy"))
+            state["step"] = step
+            if t.test_freq > 0 and step % t.test_freq == 0 and step < t.total_training_steps:
+                ev = held_out_accuracy()
+                step_metrics["val/accuracy"] = ev["mean@1"]
+            tracker.log(step_metrics, step)
+            append_jsonl(run_dir / "health.jsonl", verdict.events)
+            append_jsonl(run_dir / "samples.jsonl", [
+                {"step": step, "prompt": prompts_text[i], "response": texts[i], "score": scores[i]}
+                for i in range(0, len(texts), max(1, len(texts) // max(1, t.n_samples_logged)))][: t.n_samples_logged])
+            bar.update(step, step_metrics, verdict.overall, controller.rollbacks)
+
+            # ---- 7. act on the verdict; checkpoint
+            if state["nonfinite_in_row"] >= t.max_nonfinite_in_row:
+                stopped = f"{state['nonfinite_in_row']} non-finite updates in a row at step {step}"
+                exit_code = 4
+                break
+            if verdict.overall == "bad" and cfg.monitor.action == "stop":
+                stopped, exit_code = verdict.reason, 3
+                break
+            if verdict.overall == "bad" and cfg.monitor.action == "rollback":
+                target = state["last_good_ckpt_step"]
+                if state["rollbacks"] >= cfg.monitor.max_rollbacks or target is None:
+                    stopped = f"{verdict.reason}; no rollback left" if target is not None else \
+                        f"{verdict.reason}; no healthy checkpoint to roll back to"
+                    exit_code = 3
+                    break
+                good = checkpoint.open_checkpoint(run_dir / "checkpoints" / f"step_{target:06d}")
+                checkpoint.load_checkpoint(good, model, optimizer, restore_rng=False)
+                direction = verdict.failing_direction or "low"
+                controller.on_rollback(direction)
+                monitor.reset()
+                state["rollbacks"] += 1
+                event = {"step": step, "rule": verdict.failing_metric, "verdict": "rollback",
+                         "reason": f"{verdict.reason}; rolled back to step {target}, "
+                                   f"entropy_coeff {controller.entropy_coeff:.4g}, kl_coef {controller.kl_coef:.4g}"}
+                append_jsonl(run_dir / "health.jsonl", [event])
+                log(event["reason"])
+                continue
+            if t.save_freq > 0 and step % t.save_freq == 0 and step < t.total_training_steps:
+                if cfg.monitor.action != "rollback" or verdict.overall == "good":
+                    save(step)
+                    state["last_good_ckpt_step"] = step if verdict.overall == "good" else state["last_good_ckpt_step"]
+    finally:
+        bar.close()
+        tracker.close()
+
+    # ---- the end: final checkpoint (stop: the reason alongside), model directory, held-out accuracy
+    if stopped:
+        save(state["step"])
+        (run_dir / "STOPPED").write_text(stopped + "\n")
+        append_jsonl(run_dir / "health.jsonl", [{"step": state["step"], "rule": "run", "verdict": "stop",
+                                                  "reason": stopped}])
+        log(f"run stopped at step {state['step']}: {stopped}")
+    else:
+        save(state["step"])
+    checkpoint.save_hf_model(model, tok, run_dir / "model")
+    after = held_out_accuracy()
+    result = {"heldout_accuracy_before": (state["eval_before"] or {}).get("mean@1"),
+              "heldout_accuracy_after": after["mean@1"], "n_heldout": after["n"],
+              "temperature": r.temperature, "steps": state["step"]}
+    (run_dir / "eval.json").write_text(json.dumps(result, indent=1))
+    meta["end_time"] = datetime.now(timezone.utc).isoformat()
+    (run_dir / "meta.json").write_text(json.dumps(meta, indent=1))
+    return TrainResult(run_dir, result, stopped, exit_code)
+
+
+def _lr(optim_cfg, step: int) -> float:
+    if optim_cfg.lr_warmup_steps > 0:
+        return optim_cfg.lr * min(1.0, step / optim_cfg.lr_warmup_steps)
+    return optim_cfg.lr
+
+
+def _finite_mean(values: list[float]) -> float | None:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(vals) / len(vals) if vals else None
+
+
+class _progress:
+    """A rich progress bar with step, reward, entropy, verdict and ETA (a no-op when disabled)."""
+
+    def __init__(self, enabled: bool, total: int, start: int):
+        self.enabled = enabled and total > 0
+        if not self.enabled:
+            return
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(),
+                                 TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=False)
+        self.task = self.progress.add_task("grpo", total=total, completed=start, info="")
+        self.progress.start()
+
+    def update(self, step: int, m: dict, verdict: str, rollbacks: int) -> None:
+        if not self.enabled:
+            return
+        ent = m.get("actor/entropy")
+        info = (f"score {m.get('critic/score/mean', 0):.3f}  entropy {ent if ent is None else f'{ent:.4f}'}  "
+                f"health {verdict}" + (f"  rollbacks {rollbacks}" if rollbacks else ""))
+        self.progress.update(self.task, completed=step, info=info)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.progress.stop()
