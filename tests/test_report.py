@@ -6,7 +6,6 @@ import json
 from html.parser import HTMLParser
 
 import matplotlib.image
-import numpy as np
 import pytest
 import yaml
 
@@ -54,9 +53,11 @@ def make_run(root, name="run-a", entropy_coeff=0.001, scale=1.0, with_health_met
             if with_health_metric:
                 row["health/overall"] = HEALTH[i]
             f.write(json.dumps(row) + "\n")
-    events = [{"step": 6, "rule": "actor/entropy", "verdict": "watch", "reason": "actor/entropy 0.5 < 0.55"},
-              {"step": 8, "rule": "actor/entropy", "verdict": "bad", "reason": "actor/entropy 0.3 < 0.35 for 3 steps"},
-              {"step": 9, "rule": "critic/score/mean", "verdict": "good", "reason": ""}]
+    # the monitor's change events: per rule, and "overall" (watch from step 6, bad 8-10, good again at 11)
+    events = [{"step": 6, "rule": "actor/entropy", "verdict": "watch", "reason": "actor/entropy 0.5 above 0.15"},
+              {"step": 6, "rule": "overall", "verdict": "watch", "reason": "actor/entropy 0.5 above 0.15"},
+              {"step": 8, "rule": "overall", "verdict": "bad", "reason": "actor/entropy 0.3 for 3 steps"},
+              {"step": 11, "rule": "overall", "verdict": "good", "reason": "every rule is good again"}]
     (run / "health.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
     samples = [{"step": s, "prompt": f"What is {s}+{s}?", "response": f"<b>{2 * s}</b> & done", "score": 1.0} for s in (1, 2, 6, 12, 12)]
     (run / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
@@ -119,19 +120,14 @@ def png_pixels(data: bytes):
         ([0.45, 0.44, 0.43, 0.42, 0.41, 0.40], True, "slowly declining"),
         (CONNECTIVES, None, "rose then collapsed"),  # peak 5.5 (smoothed), tail 1 lost 4.5 of the 4 gained
         ([5, 3, 1, 3, 5], None, "fell then recovered"),
-        ([1, 3, 1.4, 1.2, 1.5], None, "rose then collapsed"),
-        ([1, 2, 1.8, 1.9, 1.2], None, "rose then collapsed"),
-        ([1, 2, 1.9, 2.2, 1.3], None, "rose then collapsed"),
+        ([1, 2, 1.8, 1.9, 1.2], None, "rose then collapsed"),  # rise 1, lost 0.8 >= 0.5
+        ([0.4, 0.5, 0.35, 0.45, 0.4, 0.5, 0.38, 0.42], None, "no clear trend"),  # span 0.15 < 2 * median jump 0.1
+        ([1, 2], None, "rising"),
         ([1.0, None, float("nan")], None, "too few points"),
     ],
 )
 def test_trend_words(values, better, words):
     assert trend_words(values, better) == words
-
-
-def test_trend_words_no_clear_trend():
-    # peak at the last-but-one smoothed point would be a collapse; here head and tail sit level with a dip and a bump
-    assert trend_words([1.0, 2.0, 1.0, 0.0, 1.05]) == "no clear trend"
 
 
 def test_pick_steps_and_value_at():
@@ -146,9 +142,10 @@ def test_pick_steps_and_value_at():
 def test_load_run_resume_and_truncation(tmp_path):
     run_dir = tmp_path / "r"
     run_dir.mkdir()
-    (run_dir / "metrics.jsonl").write_text('{"step": 1, "x": 1}\n{"step": 2, "x": 2}\n{"step": 2, "x": 20}\n{"step": 3, "x"')
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "x": 1}\n{"step": 2, "x": 2, "y": 5}\n{"step": 2, "x": 20}\n{"step": 3, "x"')
     run = load_run(run_dir)
     assert run.series("x") == ([1, 2], [1.0, 20.0])  # the re-logged step 2 wins, the cut-off step 3 is skipped
+    assert run.series("y") == ([2], [5.0])
     assert (run.config, run.meta, run.health, run.samples, run.eval) == ({}, {}, [], [], {})
     with pytest.raises(KeelError, match="is not a run directory"):
         load_run(tmp_path)
@@ -180,10 +177,15 @@ def test_results_summary_and_config_diff(tmp_path):
 
 
 def test_criteria_rows_from_a_hand_made_summary():
-    summary = {"actor/entropy": {"value": 0.0123456, "verdict": "bad", "reason": "actor/entropy < 0.05 for 5 steps"},
-               "actor/kl_loss": {"latest": None, "verdict": "good", "threshold": "< 0.1"}}
-    assert criteria_rows(summary) == [["actor/entropy", "0.01235", "bad", "actor/entropy < 0.05 for 5 steps"],
-                                      ["actor/kl_loss", "n/a", "good", "< 0.1"]]
+    summary = {"rules": [
+        {"rule": "actor/entropy", "criterion": "good 0.02–0.15", "latest": 0.0123456, "latest_step": 40, "verdict": "bad",
+         "reason": "actor/entropy 0.0123 below 0.02 for 5 steps", "first_warning_step": 31, "first_bad_step": 35},
+        {"rule": "actor/kl_loss", "criterion": "good ≤ 0.5", "latest": None, "latest_step": None, "verdict": None,
+         "reason": None, "first_warning_step": None, "first_bad_step": None}]}
+    assert criteria_rows(summary) == [
+        ["actor/entropy", "good 0.02–0.15", "0.01235 @40", "bad", "31", "35", "actor/entropy 0.0123 below 0.02 for 5 steps"],
+        ["actor/kl_loss", "good ≤ 0.5", "n/a", "n/a", "n/a", "n/a", ""],
+    ]
 
 
 # --------------------------------------------------------------------------- plots
@@ -212,7 +214,7 @@ def test_entropy_shading_falls_back_to_health_events(tmp_path):
     run = load_run(make_run(tmp_path, with_health_metric=False))
     ax = plot_panel([run], PANELS[0]).axes[0]
     spans = sorted((p.get_x(), p.get_x() + p.get_width()) for p in ax.patches)
-    assert spans == [(5.5, 6.5), (7.5, 8.5)]  # the watch event at step 6, the bad one at step 8
+    assert spans == [(5.5, 7.5), (7.5, 10.5)]  # "overall" changes: watch at 6, bad at 8, good at 11
 
 
 def test_overlay_and_split_panels(tmp_path):
@@ -220,14 +222,14 @@ def test_overlay_and_split_panels(tmp_path):
     ax = plot_panel(runs, PANELS[0]).axes[0]
     assert [line.get_label() for line in ax.get_lines()] == ["run-a", "run-b"]
     assert list(ax.get_lines()[1].get_ydata()) == pytest.approx([0.5 * v for v in ENTROPY])
-    assert ax.patches == [] and len(ax.collections) == 2  # several runs: bad steps marked per curve, not shaded
+    assert len(ax.patches) == 0 and len(ax.collections) == 2  # several runs: bad steps marked per curve, not shaded
     assert list(ax.collections[1].get_offsets()[:, 0]) == [8, 9, 10]
     length = plot_panel(runs, PANELS[3]).axes[0].get_lines()[0]
     assert list(length.get_xdata()) == [1, 2] + list(range(4, 13))  # the null at step 3 is a gap, not a zero
     coefficients = plot_panel(runs, PANELS[5])
+    assert [ax.get_title() for ax in coefficients.axes] == ["actor/entropy_coeff", "actor/kl_coef"]
     assert [[line.get_label() for line in ax.get_lines()] for ax in coefficients.axes] == [
-        ["run-a: actor/entropy_coeff", "run-b: actor/entropy_coeff"],
-        ["run-a: actor/kl_coef", "run-b: actor/kl_coef"],
+        ["run-a", "run-b"], ["run-a", "run-b"]
     ]
     assert plot_panel([Run("empty", tmp_path, rows=[{"step": 1}])], PANELS[0]) is None
 
@@ -245,16 +247,19 @@ def test_pick_samples():
 def test_single_run_report(tmp_path):
     run_dir = make_run(tmp_path)
     html_path = write_report([str(run_dir)], steps=[3, 6])
-    assert html_path == run_dir / "report.html"
+    assert html_path == (run_dir / "report.html").resolve()
     page = parse_html(html_path)
     assert len(page.images) == 6  # entropy, score, KL, length, connectives, coefficients
     for src in page.images:
         assert src.startswith("data:image/png;base64,")
         pixels = png_pixels(base64.b64decode(src.split(",", 1)[1]))
         assert pixels[..., :3].std() > 0.05
-    for cells in (["score", "0.15", "0.3", "0.5", "improving"], ["actor/entropy", "0.2", "bad", "actor/entropy 0.3 < 0.35 for 3 steps"]):
-        start = page.cells.index(cells[0])
-        assert page.cells[start : start + len(cells)] == cells
+    start = page.cells.index("score")
+    assert page.cells[start : start + 5] == ["score", "0.15", "0.3", "0.5", "improving"]
+    # criteria (embedded rules): entropy 0.2 is above the good band 0.02-0.15 but below bad (> 1.0) -> watch,
+    # first judged at from_step 5 where 0.6 is already above the band
+    start = page.cells.index("actor/entropy", page.cells.index("rule"))
+    assert page.cells[start + 2 : start + 5] == ["0.2 @12", "watch", "5"]
     assert ["seed", "1", "git_commit", "abc123", "versions.torch", "2.13.0"] == page.cells[page.cells.index("seed") :][:6]
     text = html_path.read_text()
     assert "&lt;b&gt;24&lt;/b&gt; &amp; done" in text  # completions are escaped, step 12 is the late phase

@@ -162,3 +162,16 @@ def test_mlflow_sqlite_store(tmp_path, monkeypatch):
     assert "note" not in run.data.metrics
     assert run.data.metrics["health/overall"] == 2  # latest value
     assert not (tmp_path / "mlruns").exists()
+
+
+def test_mlflow_tracking_uri_from_env(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with Tracker(["mlflow"], tmp_path / "runs" / "r2", "proj2", "exp-c", {}) as tracker:
+        tracker.log({"actor/entropy": 0.125}, 5)
+    assert not (tmp_path / "runs" / "mlflow.db").exists()
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("proj2").experiment_id])
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "actor/entropy")] == [(5, 0.125)]

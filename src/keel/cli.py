@@ -111,6 +111,24 @@ def cmd_sweep(args) -> int:
     return sweep_main(args.rest)
 
 
+PASSTHROUGH = {"monitor": cmd_monitor, "report": cmd_report, "sweep": cmd_sweep}
+
+
+def _quiet_libraries() -> None:
+    """No download/loading progress bars from transformers in a training log."""
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="keel", description="GRPO for reasoning LLMs that does not capsize.")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
@@ -150,8 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _quiet_libraries()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    debug = "--debug" in argv[:1]
+    rest = argv[1:] if debug else argv
+    if rest and rest[0] in PASSTHROUGH:  # these parse their own options (incl. --help)
+        args = argparse.Namespace(debug=debug, fn=PASSTHROUGH[rest[0]], rest=rest[1:])
+    else:
+        args = parser.parse_args(argv)
     try:
         return args.fn(args) or 0
     except KeelError as e:

@@ -132,10 +132,10 @@ def response_metrics(
     }
 
 
-def regularizer_balance(entropy: float, kl_loss: float | None, entropy_coeff: float, kl_coef: float) -> dict:
+def regularizer_balance(entropy: float | None, kl_loss: float | None, entropy_coeff: float, kl_coef: float) -> dict:
     """The two regularizers' weights in the loss this step, side by side.
 
-        actor/entropy_bonus = entropy_coeff * H        (subtracted from the loss)
+        actor/entropy_bonus = entropy_coeff * H        (subtracted from the loss; None when H is None)
         actor/kl_penalty    = kl_coef * KL             (added to the loss; None when no KL loss is computed)
 
     Comparing them shows which pressure dominates: a bonus far above the penalty pushes
@@ -144,7 +144,7 @@ def regularizer_balance(entropy: float, kl_loss: float | None, entropy_coeff: fl
     return {
         "actor/entropy_coeff": float(entropy_coeff),
         "actor/kl_coef": float(kl_coef),
-        "actor/entropy_bonus": float(entropy_coeff) * float(entropy),
+        "actor/entropy_bonus": None if entropy is None else float(entropy_coeff) * float(entropy),
         "actor/kl_penalty": None if kl_loss is None else float(kl_coef) * float(kl_loss),
     }
 

@@ -1,28 +1,24 @@
 """Training health: rules as data, a verdict every step, early warnings, and ``keel monitor``.
 
-A rule set is a YAML list (built-ins in ``keel/rules/``: ``embedded`` and ``lablog``). Two kinds:
+A rule set is a YAML list of rules (built-ins in ``keel/rules/``: ``embedded``, ``lablog``):
 
     threshold  {metric, good: [lo, hi], bad: [[lo, hi], ...], from_step, patience, frac_log_vocab}
-               good is a closed band; bad ranges are open (a value on a bad bound is only "watch").
-               verdict = bad if inside a bad range, good if inside the good band, else watch.
-    trend      {kind: trend, metric, direction, window, change, with_metric, with_direction,
-               with_change, toward, horizon, from_step, patience, level}
-               fits a least-squares line to the metric over the last `window` steps; fires when
-               its relative change (end - start) / |start| passes `change` in `direction`, and
-               (optionally) `with_metric` moves too and the line reaches `toward` within `horizon`.
+               bad if inside an (open) bad range, good if inside the (closed) good band, else watch.
+    trend      {kind: trend, metric, direction, window, change, with_metric, with_direction, with_change,
+               toward, horizon, from_step, patience, level}: a least-squares line over the last `window`
+               steps whose relative change (end - start) / |start| passes `change` fires `level`.
 
-Per step every rule gets good / watch / bad (``None`` = not judged: before ``from_step``,
-metric missing, or too few points for a trend). The overall verdict is the worst rule, where a
-threshold rule counts as bad only after ``patience`` consecutive bad steps (watch before that).
-Numeric codes in ``metrics.jsonl``: ``health/overall`` and ``health/<rule id>`` = 0 good,
-1 watch, 2 bad (``null`` = not judged). ``health.jsonl`` gets one event per verdict change.
-How to choose bands: docs/health.md.
+Overall verdict = the worst rule; a threshold rule counts as bad only after `patience` bad steps in a
+row (watch before). metrics.jsonl codes: ``health/overall``, ``health/<rule id>`` = 0 good, 1 watch,
+2 bad, null not judged. Field reference and how to choose bands: docs/health.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
+import itertools
 import json
 import math
 import re
@@ -93,14 +89,31 @@ def _range(x: Any, what: str) -> tuple:
     return lo, hi
 
 
-def _int(raw: dict, key: str, lo: int) -> None:
-    if key in raw and not (isinstance(raw[key], int) and not isinstance(raw[key], bool) and raw[key] >= lo):
-        raise ValueError(f"'{key}' must be an integer >= {lo}, got {raw[key]!r}")
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _choice(raw: dict, key: str, options: tuple) -> None:
-    if key in raw and raw[key] not in options:
-        raise ValueError(f"'{key}' must be one of {', '.join(options)}, got {raw[key]!r}")
+def _is_name(x: Any) -> bool:
+    return isinstance(x, str) and bool(x.strip())
+
+
+_CHECKS = {  # field -> (test, what the value must be); None is allowed for optional fields
+    "metric": (_is_name, "a metric name"),
+    "name": (_is_name, "a non-empty string"),
+    "with_metric": (_is_name, "a metric name"),
+    "kind": (lambda x: x in ("threshold", "trend"), "threshold or trend"),
+    "direction": (lambda x: x in ("falling", "rising"), "falling or rising"),
+    "with_direction": (lambda x: x in ("falling", "rising"), "falling or rising"),
+    "level": (lambda x: x in ("watch", "bad"), "watch or bad"),
+    "frac_log_vocab": (lambda x: isinstance(x, bool), "true or false"),
+    "from_step": (lambda x: _is_int(x) and x >= 0, "an integer >= 0"),
+    "patience": (lambda x: _is_int(x) and x >= 1, "an integer >= 1"),
+    "window": (lambda x: _is_int(x) and x >= 3, "an integer >= 3"),
+    "horizon": (lambda x: _is_int(x) and x >= 1, "an integer >= 1"),
+    "change": (lambda x: _is_num(x) and x > 0, "a number > 0"),
+    "with_change": (lambda x: _is_num(x) and x >= 0, "a number >= 0"),
+    "toward": (_is_num, "a number"),
+}
 
 
 def parse_rule(raw: Any, where: str) -> Rule:
@@ -113,16 +126,18 @@ def parse_rule(raw: Any, where: str) -> Rule:
             hint = f" (did you mean '{close[0]}'?)" if close else f" (valid: {', '.join(_YAML_FIELDS)})"
             raise KeelError(f"{where}: unknown field '{key}'{hint}")
     try:
-        if not isinstance(raw.get("metric"), str) or not raw["metric"]:
+        if raw.get("metric") is None:
             raise ValueError("'metric' (the logged metric name) is required")
-        _choice(raw, "kind", ("threshold", "trend"))
+        for key, (ok, need) in _CHECKS.items():
+            if raw.get(key) is not None and not ok(raw[key]):
+                raise ValueError(f"'{key}' must be {need}, got {raw[key]!r}")
         kind = raw.get("kind", "threshold")
         wrong = (_TREND_ONLY if kind == "threshold" else {"good", "bad"}) & raw.keys()
         if wrong:
             raise ValueError(f"field '{sorted(wrong)[0]}' does not apply to {kind} rules")
         if kind == "threshold" and raw.get("good") is None and not raw.get("bad"):
             raise ValueError("a threshold rule needs 'good' and/or 'bad'")
-        kw = dict(raw)
+        kw = {k: v for k, v in raw.items() if v is not None}
         if raw.get("good") is not None:
             kw["good"] = _range(raw["good"], "good")
         bad = raw.get("bad") or []
@@ -131,22 +146,6 @@ def parse_rule(raw: Any, where: str) -> Rule:
         if not isinstance(bad, (list, tuple)):
             raise ValueError(f"'bad' must be [lo, hi] or a list of them, got {bad!r}")
         kw["bad"] = [_range(r, "bad") for r in bad]
-        _int(raw, "from_step", 0)
-        _int(raw, "patience", 1)
-        _int(raw, "window", 3)
-        _int(raw, "horizon", 1)
-        _choice(raw, "direction", ("falling", "rising"))
-        _choice(raw, "with_direction", ("falling", "rising"))
-        _choice(raw, "level", ("watch", "bad"))
-        if "frac_log_vocab" in raw and not isinstance(raw["frac_log_vocab"], bool):
-            raise ValueError(f"'frac_log_vocab' must be true or false, got {raw['frac_log_vocab']!r}")
-        for key, ok, need in (("change", lambda x: x > 0, "a number > 0"), ("with_change", lambda x: x >= 0, "a number >= 0"),
-                              ("toward", lambda x: True, "a number")):
-            if key in raw and not (_is_num(raw[key]) and ok(raw[key])):
-                raise ValueError(f"'{key}' must be {need}, got {raw[key]!r}")
-        for key in ("name", "with_metric"):
-            if raw.get(key) is not None and (not isinstance(raw[key], str) or not raw[key].strip()):
-                raise ValueError(f"'{key}' must be a non-empty string, got {raw[key]!r}")
         return Rule(**kw)
     except ValueError as e:
         raise KeelError(f"{where}: {e}") from None
@@ -205,10 +204,15 @@ def load_rules(spec: str, vocab_size: int | None = None, extra: list[dict] | Non
 def _fmt(x: float | None) -> str:
     if x is None:
         return "—"
-    if abs(x) >= 1000:
+    if abs(x) >= 100:
         return f"{x:.0f}"
     s = f"{x:.3g}"
     return s if any(c in s for c in ".en") else s + ".0"
+
+
+def _bad_text(r: tuple) -> str:
+    lo, hi = r
+    return f"< {_fmt(hi)}" if lo is None else f"> {_fmt(lo)}" if hi is None else f"in ({_fmt(lo)}, {_fmt(hi)})"
 
 
 def _value(x: Any) -> float | None:
@@ -278,12 +282,9 @@ class Monitor:
         self._history: dict[str, list] = {m: [] for m in self._keep}  # metric -> [(step, value)]
         self._streak = dict.fromkeys(ids, 0)
         self._prev = dict.fromkeys(ids, "good")
-        self._rule_first = {i: [None, None] for i in ids}  # first watch-or-worse, first bad step
         self.overall = "good"
         self.first_warning_step: int | None = None
         self.first_bad_step: int | None = None
-
-    # ---- judging
 
     def _threshold(self, rule: Rule, step: int, v: float | None) -> RuleVerdict:
         rid = rule.id
@@ -302,20 +303,15 @@ class Monitor:
             why = f"{rule.metric} {_fmt(v)} {'<' if side == 'low' else '>'} {_fmt(bound)} (good {_band(rule.good)})"
             return RuleVerdict("watch", "watch", v, why, side)
         n = self._streak[rid] = self._streak[rid] + 1
-        if hit[0] is None or hit[1] is None:
-            side = side or ("low" if hit[0] is None else "high")
-            cmp = f"< {_fmt(hit[1])}" if hit[0] is None else f"> {_fmt(hit[0])}"
-        else:
-            side = side or "low"
-            cmp = f"in ({_fmt(hit[0])}, {_fmt(hit[1])})"
-        why = f"{rule.metric} {_fmt(v)} {cmp} for {n} step{'s' if n > 1 else ''}"
+        side = side or ("high" if hit[1] is None else "low")  # a bad range inside the good band counts as low
+        why = f"{rule.metric} {_fmt(v)} {_bad_text(hit)} for {n} step{'s' if n > 1 else ''}"
         if n < rule.patience:
             why += f" (bad after {rule.patience})"
         return RuleVerdict("bad", "bad" if n >= rule.patience else "watch", v, why, side, n)
 
     def _trend(self, rule: Rule, step: int, v: float | None) -> RuleVerdict:
         rid = rule.id
-        fit = self._fit_for(rule.metric, step, rule.window)
+        fit = _fit(self._history[rule.metric], step, rule.window)
         if step < rule.from_step or fit is None:
             self._streak[rid] = 0
             return RuleVerdict(None, "good", v)
@@ -323,7 +319,7 @@ class Monitor:
         verb = {"falling": "fell", "rising": "rose"}
         why = f"{rule.metric} {verb[rule.direction]} {abs(rel or 0):.0%} over {rule.window} steps ({_fmt(fit[0])} → {_fmt(fit[1])})"
         if rel is not None and rule.with_metric:
-            fit2 = self._fit_for(rule.with_metric, step, rule.window)
+            fit2 = _fit(self._history[rule.with_metric], step, rule.window)
             rel2 = None if fit2 is None else _moved(fit2, rule.with_direction, rule.with_change)
             if rel2 is None:
                 rel = None
@@ -342,9 +338,6 @@ class Monitor:
             return RuleVerdict("good", "good", v, streak=self._streak[rid])
         side = "low" if rule.direction == "falling" else "high"
         return RuleVerdict(rule.level, rule.level, v, why, side, self._streak[rid])
-
-    def _fit_for(self, metric: str, step: int, window: int):
-        return _fit(self._history.get(metric, []), step, window)
 
     def observe(self, step: int, metrics: dict) -> StepVerdict:
         """Judge one step's metrics (missing / null / NaN values are simply not judged)."""
@@ -365,14 +358,7 @@ class Monitor:
         events = []
         for rule in self.rules:
             rid, rv = rule.id, per_rule[rule.id]
-            if rv.verdict is None:
-                continue
-            first = self._rule_first[rid]
-            if rv.verdict != "good" and first[0] is None:
-                first[0] = step
-            if rv.verdict == "bad" and first[1] is None:
-                first[1] = step
-            if rv.verdict != self._prev[rid]:
+            if rv.verdict is not None and rv.verdict != self._prev[rid]:
                 why = rv.reason or f"{rule.id} is good again ({rule.metric} {_fmt(rv.value)})"
                 events.append({"step": step, "rule": rid, "metric": rule.metric, "verdict": rv.verdict,
                                "previous": self._prev[rid], "value": rv.value, "direction": rv.direction, "reason": why})
@@ -394,28 +380,20 @@ class Monitor:
             out[f"health/{rid}"] = None if rv.verdict is None else CODES[rv.verdict]
         return out
 
-    def rule_first_steps(self, rule_id: str) -> tuple[int | None, int | None]:
-        """(first step the rule was watch or worse, first step it was bad)."""
-        return tuple(self._rule_first[rule_id])
-
-    # ---- checkpoints
-
     def state_dict(self) -> dict:
         return {"version": 1, "streak": dict(self._streak), "prev": dict(self._prev), "overall": self.overall,
-                "rule_first": {k: list(v) for k, v in self._rule_first.items()},
                 "first_warning_step": self.first_warning_step, "first_bad_step": self.first_bad_step,
                 "history": {m: [list(p) for p in pts] for m, pts in self._history.items()}}
 
     def load_state_dict(self, d: dict) -> None:
         """Restore what `state_dict` saved; rules added or removed since then start fresh."""
-        for key, target in (("streak", self._streak), ("prev", self._prev), ("rule_first", self._rule_first)):
+        for key, target in (("streak", self._streak), ("prev", self._prev)):
             target.update({k: v for k, v in d.get(key, {}).items() if k in target})
         for m, pts in d.get("history", {}).items():
             if m in self._history:
                 self._history[m] = [(int(s), float(v)) for s, v in pts]
         self.overall = d.get("overall", "good")
-        self.first_warning_step = d.get("first_warning_step")
-        self.first_bad_step = d.get("first_bad_step")
+        self.first_warning_step, self.first_bad_step = d.get("first_warning_step"), d.get("first_bad_step")
 
 
 # --------------------------------------------------------------------------- reading runs
@@ -423,9 +401,7 @@ class Monitor:
 
 def _band(r: tuple | None) -> str:
     lo, hi = r or (None, None)
-    if lo is not None and hi is not None:
-        return f"{_fmt(lo)}–{_fmt(hi)}"
-    return f"≥ {_fmt(lo)}" if lo is not None else f"≤ {_fmt(hi)}"
+    return f"≤ {_fmt(hi)}" if lo is None else f"≥ {_fmt(lo)}" if hi is None else f"{_fmt(lo)}–{_fmt(hi)}"
 
 
 def describe(rule: Rule) -> str:
@@ -437,12 +413,10 @@ def describe(rule: Rule) -> str:
             text += f" while {rule.with_metric} {verb[rule.with_direction]} >{rule.with_change:.0%}"
         if rule.toward is not None:
             text += f", reaching {_fmt(rule.toward)} within {rule.horizon} steps"
-        if rule.level == "bad":
-            text += " (bad)"
+        text += " (bad)" if rule.level == "bad" else ""
     else:
         parts = [f"good {_band(rule.good)}"] if rule.good else []
-        bad = [f"< {_fmt(hi)}" if lo is None else f"> {_fmt(lo)}" if hi is None else f"in ({_fmt(lo)}, {_fmt(hi)})" for lo, hi in rule.bad]
-        parts += [f"bad {' or '.join(bad)}"] if bad else []
+        parts += [f"bad {' or '.join(_bad_text(r) for r in rule.bad)}"] if rule.bad else []
         text = ", ".join(parts)
         if rule.patience > 1:
             text += f", patience {rule.patience}"
@@ -489,34 +463,18 @@ def _locate(path: str | Path, allow_missing: bool = False) -> tuple[Path | None,
         if not f.is_file() and not allow_missing:
             raise KeelError(f"run directory '{p}' has no metrics.jsonl (yet)")
         return p, f
-    if p.is_file():
-        parent = p.parent
-        is_run = p.name == "metrics.jsonl" and ((parent / "config.yaml").is_file() or (parent / "checkpoints").is_dir())
-        return (parent if is_run else None), p
+    if p.is_file():  # a run's own metrics.jsonl still gets its checkpoints and config
+        run = p.parent if p.name == "metrics.jsonl" and any((p.parent / n).exists() for n in ("config.yaml", "checkpoints")) else None
+        return run, p
     raise KeelError(f"'{p}' does not exist (expected a Keel run directory or a JSONL metrics file)")
 
 
 def checkpoint_steps(run_dir: Path | None) -> list[int]:
     """Steps of ``checkpoints/step_<N>`` (or verl's ``global_step_<N>``) directories, zero-padded or not."""
-    root = run_dir / "checkpoints" if run_dir else None
-    if root is None or not root.is_dir():
+    if not run_dir or not (root := run_dir / "checkpoints").is_dir():
         return []
     found = (re.fullmatch(r"(?:global_)?step_(\d+)", d.name) for d in root.iterdir() if d.is_dir())
     return sorted({int(m.group(1)) for m in found if m})
-
-
-def _vocab_size_from_checkpoints(run_dir: Path | None) -> int | None:
-    """vocab_size of a Hugging Face config.json saved in a checkpoint, if any."""
-    if run_dir is None:
-        return None
-    for cfg in sorted(run_dir.glob("checkpoints/*/config.json")) + sorted(run_dir.glob("checkpoints/*/*/config.json")):
-        try:
-            v = json.loads(cfg.read_text()).get("vocab_size")
-        except (OSError, ValueError, AttributeError):
-            continue
-        if isinstance(v, int) and v > 1:
-            return v
-    return None
 
 
 def _rules_for(run_dir: Path | None, spec: str | None, vocab_size: int | None) -> tuple[str, list[Rule]]:
@@ -542,7 +500,6 @@ def summarize(metrics_path_or_run_dir: str | Path, rules: list[Rule] | str | Non
     """
     run_dir, metrics_file = _locate(metrics_path_or_run_dir, allow_missing)
     records = read_metrics(metrics_file) if metrics_file.is_file() else []
-    vocab_size = vocab_size or _vocab_size_from_checkpoints(run_dir)
     if isinstance(rules, list):
         rule_set = "custom"
     else:
@@ -550,7 +507,8 @@ def summarize(metrics_path_or_run_dir: str | Path, rules: list[Rule] | str | Non
     ckpts = checkpoint_steps(run_dir)
     monitor = Monitor(rules, vocab_size)
     rows = {r.id: {"rule": r.id, "metric": r.metric, "kind": r.kind, "criterion": describe(r), "latest": None,
-                   "latest_step": None, "verdict": None, "reason": None, "at_checkpoints": {}} for r in monitor.rules}
+                   "latest_step": None, "verdict": None, "reason": None, "at_checkpoints": {},
+                   "first_warning_step": None, "first_bad_step": None} for r in monitor.rules}
     last = None
     for step, m in records:
         last = monitor.observe(step, m)
@@ -558,10 +516,12 @@ def summarize(metrics_path_or_run_dir: str | Path, rules: list[Rule] | str | Non
             row = rows[rid]
             if rv.value is not None:
                 row.update(latest=rv.value, latest_step=step, verdict=rv.verdict, reason=rv.reason)
+            if rv.verdict in ("watch", "bad") and row["first_warning_step"] is None:
+                row["first_warning_step"] = step
+            if rv.verdict == "bad" and row["first_bad_step"] is None:
+                row["first_bad_step"] = step
             if step in ckpts:
                 row["at_checkpoints"][str(step)] = {"value": rv.value, "verdict": rv.verdict}
-    for rid, row in rows.items():
-        row["first_warning_step"], row["first_bad_step"] = monitor.rule_first_steps(rid)
     return {
         "path": str(metrics_path_or_run_dir), "metrics_file": str(metrics_file), "rule_set": rule_set,
         "steps": len(records), "last_step": records[-1][0] if records else None, "checkpoints": ckpts,
@@ -585,14 +545,13 @@ def render_table(summary: dict):
     overall = summary["overall"]
     title = Text.assemble(f"{summary['path']}  ·  rules: {summary['rule_set']}  ·  step {summary['last_step']}  ·  overall ",
                           (str(overall).upper() if overall else "no steps yet", _STYLE[overall]))
-    caption = f"first warning: step {summary['first_warning_step']}  ·  first bad: step {summary['first_bad_step']}"
-    if summary["reason"]:
-        caption = f"{summary['reason']}\n{caption}"
+    firsts = f"first warning: step {summary['first_warning_step']}  ·  first bad: step {summary['first_bad_step']}"
+    caption = f"{summary['reason']}\n{firsts}" if summary["reason"] else firsts
     table = Table(title=title, caption=caption)
     ckpts = summary["checkpoints"][-MAX_TABLE_CHECKPOINTS:]
     for name, just in [("rule", "left"), ("criterion", "left")] + [(f"step {c}", "right") for c in ckpts] + [
             ("latest", "right"), ("verdict", "left"), ("first watch", "right"), ("first bad", "right")]:
-        table.add_column(name, justify=just)
+        table.add_column(name, justify=just, overflow="fold")
     for row in summary["rules"]:
         cells = []
         for c in ckpts:
@@ -610,7 +569,7 @@ def monitor_main(argv: list[str]) -> int:
                                 "JSONL metrics file with verl metric names (flat or verl's {step, data} lines).")
     p.add_argument("path", help="run directory (RUN_DIR/metrics.jsonl) or a JSONL metrics file")
     p.add_argument("--rules", help="embedded | lablog | rules.yaml (default: the run's monitor.rules; lablog for a bare file)")
-    p.add_argument("--vocab-size", type=int, help="V for rules written with frac_log_vocab (default: from a checkpoint's config.json)")
+    p.add_argument("--vocab-size", type=int, help="vocabulary size V for rules written with frac_log_vocab")
     p.add_argument("--follow", action="store_true", help="re-read and redraw every --interval seconds (Ctrl-C stops)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object (one line per refresh with --follow)")
     p.add_argument("--interval", type=float, default=5.0, help="seconds between refreshes with --follow")
@@ -619,36 +578,23 @@ def monitor_main(argv: list[str]) -> int:
     if args.interval <= 0 or args.count < 0:
         raise KeelError("--interval must be > 0 and --count >= 0")
 
-    def build() -> dict:
-        return summarize(args.path, args.rules, args.vocab_size, allow_missing=args.follow)
-
     from rich.console import Console
+    from rich.live import Live
 
-    console = Console()
-    summary = build()
-    if not args.follow:
-        if args.json:
-            print(json.dumps(summary, allow_nan=False))
-        else:
-            console.print(render_table(summary))
-        return 0
+    live = Live(console=Console(), auto_refresh=False) if args.follow and not args.json else None
     try:
-        if args.json:
-            for n in range(1, 1 << 62):
-                print(json.dumps(summary, allow_nan=False), flush=True)
-                if args.count and n >= args.count:
+        with live or contextlib.nullcontext():
+            for n in itertools.count(1):
+                summary = summarize(args.path, args.rules, args.vocab_size, allow_missing=args.follow)
+                if args.json:
+                    print(json.dumps(summary, allow_nan=False), flush=True)
+                elif live:
+                    live.update(render_table(summary), refresh=True)
+                else:
+                    Console().print(render_table(summary))
+                if not args.follow or (args.count and n >= args.count):
                     break
                 time.sleep(args.interval)
-                summary = build()
-        else:
-            from rich.live import Live
-
-            with Live(render_table(summary), console=console, auto_refresh=False) as live:
-                for n in range(1, 1 << 62):
-                    if args.count and n >= args.count:
-                        break
-                    time.sleep(args.interval)
-                    live.update(render_table(build()), refresh=True)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # the way to leave --follow
         pass
     return 0

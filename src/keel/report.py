@@ -8,7 +8,7 @@ What it holds, in order:
 3. sweep summary (a sweep folder: ``summary.csv`` + ``runs/<name>/``)
 4. plots over steps: entropy (health verdicts shaded), score, KL, ``response_length/pos/mean``,
    logical connectives, entropy / KL coefficients; several runs are overlaid on the same axes
-5. health criteria: per rule the latest value and verdict
+5. health criteria (``keel.monitor.summarize``): per rule the criterion, latest value, verdict, first watch / bad step
 6. run facts (``meta.json``, ``eval.json``) and sample completions from early / middle / late steps
 
 ``report.html`` embeds the PNGs as base64 (one file to mail or attach to a lab log);
@@ -24,14 +24,16 @@ import html
 import io
 import json
 import math
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from matplotlib.figure import Figure  # object API: Agg canvas, no pyplot global state
 
+from keel.config import read_yaml
 from keel.errors import KeelError
+from keel.monitor import read_metrics, summarize
 from keel.tracking import flatten, read_jsonl
 
 DEFAULT_STEPS = [6, 25, 50]  # the columns a lab log usually has, plus "last"
@@ -49,7 +51,7 @@ class Panel:
 
 
 PANELS = [
-    Panel("entropy", "Policy entropy (nats), health verdicts shaded", ["actor/entropy"]),
+    Panel("entropy", "Policy entropy (nats)", ["actor/entropy"]),
     Panel("score", "Mean score (reward)", ["critic/score/mean"]),
     Panel("kl", "KL to the reference policy", ["actor/kl_loss"]),
     Panel("length", "Length of correct responses (tokens)", ["response_length/pos/mean"]),
@@ -90,7 +92,7 @@ class Run:
 
     def series(self, key: str) -> tuple[list[int], list[float]]:
         """(steps, values) where ``key`` was logged with a number."""
-        pairs = [(r["step"], r[key]) for r in self.rows if isinstance(r.get(key), (int, float))]
+        pairs = [(r["step"], r[key]) for r in self.rows if is_number(r.get(key))]
         return [s for s, _ in pairs], [float(v) for _, v in pairs]
 
 
@@ -99,6 +101,10 @@ class Sweep:
     path: Path
     header: list[str]
     rows: list[list[str]]
+
+
+def is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _read_json(path: Path) -> dict:
@@ -117,20 +123,14 @@ def load_run(path: str | Path, name: str | None = None) -> Run:
     metrics = path / "metrics.jsonl"
     if not metrics.is_file():
         raise KeelError(f"'{path}' is not a run directory (no metrics.jsonl) nor a sweep (no summary.csv)")
-    by_step: dict[int, dict] = {}
-    for i, row in enumerate(read_jsonl(metrics)):
-        if not isinstance(row.get("step"), int):
-            raise KeelError(f"'{metrics}' row {i + 1} has no integer 'step'")
-        by_step[row["step"]] = row  # a resumed run re-logs steps: the later row wins
-    config = {}
-    if (path / "config.yaml").is_file():
-        config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) or {}
+    config = read_yaml(path / "config.yaml") if (path / "config.yaml").is_file() else {}
     optional = {f: read_jsonl(path / f) if (path / f).is_file() else [] for f in ("health.jsonl", "samples.jsonl")}
     return Run(
         name=name or path.name,
         path=path,
-        rows=[by_step[s] for s in sorted(by_step)],
-        config=config if isinstance(config, dict) else {},
+        # the monitor's reader: a resumed run's re-logged steps merge (later keys win), verl's {"step", "data"} lines work
+        rows=[{"step": step, **m} for step, m in read_metrics(metrics)],
+        config=config,
         meta=_read_json(path / "meta.json"),
         health=optional["health.jsonl"],
         samples=optional["samples.jsonl"],
@@ -173,18 +173,18 @@ def collect(paths: list[str | Path]) -> tuple[list[Run], list[Sweep]]:
 def trend_words(values: list[float], higher_is_better: bool | None = None) -> str:
     """Describe a metric's course in words: flat, rising, falling, slowly rising, rose then collapsed ...
 
-    v is smoothed by a moving average of width w = max(1, n // 5) -> s. With head = s[0], tail = s[-1],
-    span = max(s) - min(s) and scale = max|v|:
+    v (None / NaN dropped, n points) is smoothed by a moving average of width w = max(1, n // 5) -> s.
+    With head = s[0], tail = s[-1], span = max(s) - min(s), scale = max|v|, noise = median|v[t+1] - v[t]|:
 
     - span <= 0.1 * scale                                    -> "flat"
-    - peak inside, rise = max(s) - head >= 0.3 span and it lost at least half of it (max(s) - tail >= rise / 2)
+    - n >= 3 and span < 2 * noise                            -> "no clear trend"  (step-to-step jitter as big as the course)
+    - peak inside s, rise = max(s) - head >= 0.3 span and at least half of it lost (max(s) - tail >= rise / 2)
                                                              -> "rose then collapsed"  (mirror: "fell then recovered")
-    - |tail - head| < 0.3 span                               -> "no clear trend"
-    - otherwise rising / falling, "slowly" when |tail - head| < 0.25 * max(|head|, |tail|)
+    - otherwise by the sign of tail - head: rising / falling, "slowly ..." when |tail - head| < 0.2 * max(|head|, |tail|)
 
     ``higher_is_better`` turns rising / falling into improving / declining (or worsening / improving).
     """
-    v = [float(x) for x in values if isinstance(x, (int, float)) and math.isfinite(x)]
+    v = [float(x) for x in values if is_number(x)]
     n = len(v)
     if n < 2:
         return "too few points"
@@ -194,6 +194,8 @@ def trend_words(values: list[float], higher_is_better: bool | None = None) -> st
     span, scale = hi - lo, max(abs(x) for x in v)
     if span <= 0.1 * scale:
         return "flat"
+    if n >= 3 and span < 2 * statistics.median(abs(b - a) for a, b in zip(v, v[1:])):
+        return "no clear trend"
     inside = range(1, len(s) - 1)
     rise, drop = hi - head, head - lo
     if s.index(hi) in inside and rise >= 0.3 * span and hi - tail >= 0.5 * rise:
@@ -201,14 +203,12 @@ def trend_words(values: list[float], higher_is_better: bool | None = None) -> st
     if s.index(lo) in inside and drop >= 0.3 * span and tail - lo >= 0.5 * drop:
         return "fell then recovered"
     net = tail - head
-    if abs(net) < 0.3 * span:
-        return "no clear trend"
     up = net > 0
     if higher_is_better is None:
         word = "rising" if up else "falling"
     else:
         word = "improving" if up == higher_is_better else ("declining" if higher_is_better else "worsening")
-    slow = abs(net) < 0.25 * max(abs(head), abs(tail))
+    slow = abs(net) < 0.2 * max(abs(head), abs(tail))
     return f"slowly {word}" if slow else word
 
 
@@ -218,7 +218,7 @@ def value_at(run: Run, key: str, step: int) -> float | None:
     if not before:
         return None
     value = before[-1].get(key)
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    return float(value) if is_number(value) else None
 
 
 def pick_steps(last_step: int, steps: list[int] | None = None) -> list[int]:
@@ -256,8 +256,7 @@ def results_summary(run: Run, steps: list[int] | None = None) -> Table:
 
 
 def worst_health(run: Run) -> str:
-    codes = [r.get("health/overall") for r in run.rows]
-    codes = [c for c in codes if c in HEALTH_WORDS] + [HEALTH_CODES.get(e.get("verdict"), 0) for e in run.health]
+    codes = run_health_codes(run)[1]
     return HEALTH_WORDS[max(codes)] if codes else "n/a"
 
 
@@ -291,52 +290,42 @@ def config_diff(runs: list[Run]) -> Table:
 # --------------------------------------------------------------------------- health criteria
 
 
-def health_summary(run: Run) -> dict[str, dict]:
-    """Per rule the latest value and verdict, from the run's own files.
+def health_summary(run: Run) -> dict:
+    """``keel.monitor.summarize`` of the run with its own rules (config ``monitor.rules``).
 
-    Uses ``keel.monitor.summarize`` when the monitor module provides it; otherwise the latest
-    ``health.jsonl`` event per rule plus the rule's metric (rule name = metric key) from ``metrics.jsonl``.
-    Returns ``{rule: {"value": float | None, "verdict": "good"|"watch"|"bad", "reason": str}}``.
+    A rule set that cannot be loaded (a moved YAML file) leaves the table empty with the error as its note,
+    so the rest of the report is still written.
     """
     try:
-        from keel.monitor import summarize  # written alongside; optional until it lands
-    except ImportError:
-        summarize = None
-    if summarize is not None:
         return summarize(run.path)
-    out: dict[str, dict] = {}
-    for event in sorted(run.health, key=lambda e: e.get("step", 0)):
-        rule = str(event.get("rule", "?"))
-        steps, values = run.series(rule)
-        out[rule] = {
-            "value": values[-1] if values else None,
-            "verdict": event.get("verdict", "n/a"),
-            "reason": event.get("reason", ""),
-            "step": event.get("step"),
-        }
-    return out
+    except KeelError as e:
+        return {"rules": [], "overall": None, "reason": None, "error": str(e)}
 
 
 def criteria_rows(summary: dict) -> list[list[str]]:
-    """``{rule: {"value"|"latest": x, "verdict": v, "reason"|"threshold"|"condition": ...}}`` -> table rows."""
+    """The monitor's summary -> rows: rule, criterion, latest value @ step, verdict, first watch, first bad, reason."""
     rows = []
-    for rule, info in summary.items():
-        if not isinstance(info, dict):
-            continue
-        value = info.get("value", info.get("latest"))
-        detail = info.get("reason") or info.get("condition") or info.get("threshold") or ""
-        rows.append([str(rule), fmt(value), str(info.get("verdict", "n/a")), str(detail)])
+    for r in summary.get("rules", []):
+        latest = f"{fmt(r['latest'])} @{r['latest_step']}" if r.get("latest") is not None else "n/a"
+        rows.append([r["rule"], r.get("criterion") or "", latest, r.get("verdict") or "n/a",
+                     fmt(r.get("first_warning_step")), fmt(r.get("first_bad_step")), r.get("reason") or ""])
     return rows
 
 
 def criteria_table(runs: list[Run]) -> Table:
+    """One run: the full criteria table. Several: rows = rules, one "latest verdict" column per run."""
+    summaries = [health_summary(run) for run in runs]
     if len(runs) == 1:
-        rows = criteria_rows(health_summary(runs[0]))
-        return Table("Health criteria", ["rule", "latest", "verdict", "detail"], rows, "" if rows else "no health events")
-    per_run = [health_summary(run) for run in runs]
-    rules = list(dict.fromkeys(rule for s in per_run for rule in s))
-    rows = [[rule] + [" ".join(criteria_rows({rule: s[rule]})[0][1:3]) if rule in s else "n/a" for s in per_run] for rule in rules]
-    return Table("Health criteria (latest value, verdict)", ["rule"] + [run.name for run in runs], rows, "" if rows else "no health events")
+        s = summaries[0]
+        note = s.get("error") or (f"overall {s['overall']}" + (f": {s['reason']}" if s.get("reason") else "")
+                                  if s.get("overall") else "no steps judged")
+        header = ["rule", "criterion", "latest", "verdict", "first watch", "first bad", "reason"]
+        return Table(f"Health criteria (rules: {s.get('rule_set', 'n/a')})", header, criteria_rows(s), note)
+    cells = [{row[0]: f"{row[2]} {row[3]}" for row in criteria_rows(s)} for s in summaries]
+    rules = list(dict.fromkeys(rule for c in cells for rule in c))
+    rows = [[rule] + [c.get(rule, "n/a") for c in cells] for rule in rules]
+    notes = [f"{run.name}: {s['error']}" for run, s in zip(runs, summaries) if s.get("error")]
+    return Table("Health criteria (latest value @ step, verdict)", ["rule"] + [run.name for run in runs], rows, "; ".join(notes))
 
 
 # --------------------------------------------------------------------------- plots
@@ -357,21 +346,27 @@ def health_spans(steps: list[int], codes: list[int | None]) -> list[tuple[float,
 
 
 def run_health_codes(run: Run) -> tuple[list[int], list[int]]:
-    """Per-step overall verdict: ``health/overall`` from metrics, else the worst health.jsonl event at each step."""
+    """Overall verdict code per step: ``health/overall`` from metrics.jsonl, else replayed from the
+    ``"rule": "overall"`` change events of health.jsonl (a verdict holds until the next change)."""
     steps, codes = run.series("health/overall")
     if steps:
         return steps, [int(c) for c in codes]
-    worst: dict[int, int] = {}
-    for e in run.health:
-        if isinstance(e.get("step"), int):
-            worst[e["step"]] = max(worst.get(e["step"], 0), HEALTH_CODES.get(e.get("verdict"), 0))
-    return sorted(worst), [worst[s] for s in sorted(worst)]
+    changes = sorted((e["step"], HEALTH_CODES[e["verdict"]]) for e in run.health
+                     if e.get("rule") == "overall" and isinstance(e.get("step"), int) and e.get("verdict") in HEALTH_CODES)
+    if not changes:
+        return [], []
+    steps, codes, current, i = [r["step"] for r in run.rows], [], 0, 0
+    for step in steps:
+        while i < len(changes) and changes[i][0] <= step:
+            current, i = changes[i][1], i + 1
+        codes.append(current)
+    return steps, codes
 
 
 def plot_panel(runs: list[Run], panel: Panel) -> Figure | None:
     """The panel's curves for every run (None when no run logged any of its keys).
 
-    Line labels: the key for one run, the run name for one key, else ``"run: key"``.
+    Line labels: the key for one run, the run name when the axis shows one key, else ``"run: key"``.
     """
     if not any(run.series(key)[0] for run in runs for key in panel.keys):
         return None
@@ -384,16 +379,19 @@ def plot_panel(runs: list[Run], panel: Panel) -> Figure | None:
                 steps, values = run.series(key)
                 if not steps:
                     continue
-                label = key if len(runs) == 1 else run.name if len(panel.keys) == 1 else f"{run.name}: {key}"
+                label = key if len(runs) == 1 else run.name if len(keys) == 1 else f"{run.name}: {key}"
                 (line,) = ax.plot(steps, values, label=label, linewidth=1.4)
                 if panel.name == "entropy" and len(runs) > 1:  # several runs: mark bad steps on each curve
-                    h_steps, h_codes = run_health_codes(run)
-                    bad = [s for s, c in zip(h_steps, h_codes) if c == 2 and s in steps]
-                    ax.scatter(bad, [values[steps.index(s)] for s in bad], marker="x", color=line.get_color(), zorder=3)
+                    at = dict(zip(steps, values))
+                    bad = [s for s, c in zip(*run_health_codes(run)) if c == 2 and s in at]
+                    ax.scatter(bad, [at[s] for s in bad], marker="x", color=line.get_color(), zorder=3)
         if panel.name == "entropy" and len(runs) == 1:
             shade_health(ax, *run_health_codes(runs[0]))
         ax.set_xlabel("step")
-        ax.set_title(keys[0] if len(groups) > 1 else panel.title, fontsize=10)
+        title = keys[0] if len(groups) > 1 else panel.title
+        if panel.name == "entropy":
+            title += ", overall health shaded" if len(runs) == 1 else ", x = overall health bad"
+        ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=max(1, math.ceil(len(ax.get_lines()) / 12)))
     if len(groups) > 1:
@@ -425,13 +423,9 @@ def pick_samples(samples: list[dict], per_phase: int = 2) -> list[tuple[str, int
     if not steps:
         return []
     phases = {"early": steps[0], "middle": steps[len(steps) // 2], "late": steps[-1]}
-    out, used = [], set()
-    for phase, step in phases.items():
-        if step in used:  # fewer than three logged steps
-            continue
-        used.add(step)
-        out.append((phase, step, [s for s in samples if s.get("step") == step][:per_phase]))
-    return out
+    if len(steps) < 3:  # two steps are early and late, one is early
+        phases = dict(list(phases.items())[:: 2][: len(steps)])
+    return [(phase, step, [s for s in samples if s.get("step") == step][:per_phase]) for phase, step in phases.items()]
 
 
 def clip_text(text: Any, limit: int = 1500) -> str:
@@ -530,7 +524,12 @@ def build_blocks(runs: list[Run], sweeps: list[Sweep], steps: list[int] | None) 
     blocks: list[tuple] = [("h2", "Results")]
     if len(runs) > 1:
         blocks.append(("table", comparison_table(runs)))
-    blocks += [("table", results_summary(run, steps)) for run in runs]
+    for run in runs:
+        blocks.append(("table", results_summary(run, steps)))
+        if run.eval:
+            e = run.eval
+            blocks.append(("p", f"{run.name}: held-out accuracy {fmt(e.get('heldout_accuracy_before'))} before training, "
+                                f"{fmt(e.get('heldout_accuracy_after'))} after (n = {fmt(e.get('n_heldout'))})"))
     if len(runs) > 1:
         blocks.append(("table", config_diff(runs)))
     for sweep in sweeps:
@@ -572,7 +571,7 @@ def write_report(paths: list[str], out_dir: str | None = None, steps: list[int] 
         (out / "plots" / f"{name}.png").write_bytes(png)
     (out / "report.md").write_text(render_markdown(title, blocks), encoding="utf-8")
     (out / "report.html").write_text(render_html(title, blocks), encoding="utf-8")
-    return out / "report.html"
+    return (out / "report.html").resolve()
 
 
 def parse_steps(text: str) -> list[int]:

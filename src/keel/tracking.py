@@ -216,14 +216,18 @@ class MlflowBackend:
             raise KeelError(f"trainer.logger names 'mlflow' but the mlflow package is not installed ({PIP_HINT})") from None
         store = run_dir.resolve().parent
         self.uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store / 'mlflow.db'}"
-        # the client API (not mlflow.start_run) keeps no global active run, so two Trackers can coexist
-        self.client = MlflowClient(tracking_uri=self.uri)
-        experiment = self.client.get_experiment_by_name(project_name)
-        if experiment is not None:
-            experiment_id = experiment.experiment_id
-        else:  # artifacts next to the store, not in ./mlruns of whatever the cwd is
-            experiment_id = self.client.create_experiment(project_name, artifact_location=(store / "mlartifacts").as_uri())
-        self.run_id = self.client.create_run(experiment_id, run_name=experiment_name).info.run_id
+        try:
+            # the client API (not mlflow.start_run) keeps no global active run, so two Trackers can coexist
+            self.client = MlflowClient(tracking_uri=self.uri)
+            experiment = self.client.get_experiment_by_name(project_name)
+            if experiment is not None:
+                experiment_id = experiment.experiment_id
+            else:  # artifacts next to the store, not in ./mlruns of whatever the cwd is
+                experiment_id = self.client.create_experiment(project_name, artifact_location=(store / "mlartifacts").as_uri())
+            self.run_id = self.client.create_run(experiment_id, run_name=experiment_name).info.run_id
+        except Exception as e:  # e.g. MLflow 3 refuses file: stores unless MLFLOW_ALLOW_FILE_STORE=true
+            first = (str(e).splitlines() or [type(e).__name__])[0]
+            raise KeelError(f"mlflow tracking store '{self.uri}' failed: {first}") from e
         params = [Param(k[:250], str(v)[:6000]) for k, v in flatten(config).items()]
         for i in range(0, len(params), 100):  # log_batch takes at most 100 params per call
             self.client.log_batch(self.run_id, params=params[i : i + 100])

@@ -85,14 +85,14 @@ def load_prompts(cfg: KeelConfig, tokenizer) -> tuple[list, list, list, list, di
     train_split, held_split = (split_problems(cfg.task) if EMBEDDED in (cfg.data.train_files, cfg.data.val_files)
                                else ([], []))
     splits = []
-    for files, embedded in ((cfg.data.train_files, train_split), (cfg.data.val_files, held_split)):
+    for split, files, embedded in (("train", cfg.data.train_files, train_split), ("val", cfg.data.val_files, held_split)):
         if files == EMBEDDED:
             rows = embedded_rows(embedded)
             texts = [r.prompt for r in rows]
             dropped = 0
         else:
             rows, st = load_rows(files, cfg.data)
-            stats.update({f"data/{k}": v for k, v in st.items()})
+            stats.update({f"data/{split}/{k}": v for k, v in st.items()})
             rows, texts, dropped = filter_by_length(rows, tokenizer, cfg.data)
         ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
         splits.append((rows, ids, dropped))
@@ -203,7 +203,8 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
     ref_lean = LeanForward(ref_model) if (ref_model is not None and lean is not None) else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=a.optim.lr, weight_decay=a.optim.weight_decay,
                                   betas=tuple(a.optim.betas))
-    monitor = Monitor(load_rules(cfg.monitor.rules, vocab_size=len(tok), extra=cfg.monitor.extra_rules))
+    rules = load_rules(cfg.monitor.rules, vocab_size=len(tok), extra=cfg.monitor.extra_rules)
+    monitor = Monitor(rules)
     loss_cfg = actor.LossConfig(a.clip_ratio_low if a.clip_ratio_low is not None else a.clip_ratio,
                                 a.clip_ratio_high if a.clip_ratio_high is not None else a.clip_ratio,
                                 a.clip_ratio_c, a.loss_agg_mode, a.entropy_coeff, a.kl_loss_coef, a.kl_loss_type,
@@ -382,11 +383,11 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
                     break
                 good = checkpoint.open_checkpoint(run_dir / "checkpoints" / f"step_{target:06d}")
                 checkpoint.load_checkpoint(good, model, optimizer, restore_rng=False)
-                direction = verdict.failing_direction or "low"
-                controller.on_rollback(direction)
-                monitor.reset()
+                failing = verdict.failing_rule
+                controller.on_rollback((failing and failing.direction) or "low")
+                monitor = Monitor(rules)  # judge the restored policy afresh
                 state["rollbacks"] += 1
-                event = {"step": step, "rule": verdict.failing_metric, "verdict": "rollback",
+                event = {"step": step, "rule": failing.rule if failing else None, "verdict": "rollback",
                          "reason": f"{verdict.reason}; rolled back to step {target}, "
                                    f"entropy_coeff {controller.entropy_coeff:.4g}, kl_coef {controller.kl_coef:.4g}"}
                 append_jsonl(run_dir / "health.jsonl", [event])
