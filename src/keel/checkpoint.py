@@ -33,6 +33,7 @@ import os
 import random
 import re
 import shutil
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -329,6 +330,7 @@ def save_checkpoint(
         for name, (tensors, metadata) in files_tensors.items():
             save_file(tensors, str(tmp / name), metadata=metadata)
             _fsync_file(tmp / name)
+            fault_point("ckpt_write", step)  # testing aid: a crash with the checkpoint half written
         for name, data in files_json.items():
             _write_bytes(tmp / name, data)
         names = sorted([*files_tensors, *files_json])
@@ -343,6 +345,7 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    fault_point("ckpt_publish", step)  # testing aid: complete on disk, `latest` not yet updated
 
     # ---- publish: `latest` only ever names a complete checkpoint ----
     latest_tmp = ckpt_root / f"{LATEST}.tmp-{os.getpid()}"
@@ -549,3 +552,52 @@ def save_hf_model(model, tokenizer, out_dir: str | Path) -> None:
         raise
     for stale in out_dir.parent.glob(f"{out_dir.name}.tmp-*"):  # left by an earlier crashed export
         shutil.rmtree(stale, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# fault injection: a TESTING AID, inert unless the KEEL_FAULT_INJECT environment variable is set
+# ---------------------------------------------------------------------------------------------
+
+FAULT_ENV = "KEEL_FAULT_INJECT"
+FAULT_POINTS = ("gen", "loss", "grad", "update", "ckpt_write", "ckpt_publish")
+
+
+def _fault_steps(spec: str) -> range:
+    """"3" -> {3}; "3-5" -> {3, 4, 5}; "3-" -> every step from 3 on."""
+    lo, dash, hi = spec.partition("-")
+    return range(int(lo), (int(hi) + 1) if hi else (1 << 62)) if dash else range(int(lo), int(lo) + 1)
+
+
+def fault_point(point: str, step: int) -> bool:
+    """Testing aid for the crash-resume and non-finite tests (tests/test_resume.py, tests/test_nonfinite.py).
+
+    ``KEEL_FAULT_INJECT`` holds comma-separated ``ACTION@POINT:STEPS`` entries, e.g.
+    ``kill@ckpt_write:4`` or ``nan@grad:3-`` (STEPS: ``N``, ``N-M`` or ``N-`` = from N on). When the
+    code reaches a matching (point, step):
+
+    * ``kill`` -- the process sends itself SIGKILL right here: no cleanup, no flush, a real crash;
+    * ``nan``  -- returns True; the caller then poisons its value with NaN (a real non-finite path).
+
+    Points: ``gen`` (rollout sampled, before rewards), ``loss`` (a mini-batch loss computed, before
+    backward), ``grad`` (after backward, before clipping), ``update`` (after each optimizer step),
+    ``ckpt_write`` (checkpoint files half written in the temp dir), ``ckpt_publish`` (checkpoint
+    renamed into place, ``latest`` not yet updated).
+    Returns False when the variable is unset, which is always the case outside tests.
+    """
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return False
+    for entry in filter(None, (e.strip() for e in spec.split(","))):
+        try:
+            action, rest = entry.split("@", 1)
+            where, steps = rest.split(":", 1)
+            hit = where == point and step in _fault_steps(steps)
+        except ValueError:
+            raise KeelError(f"{FAULT_ENV} entry {entry!r} must look like ACTION@POINT:STEPS, e.g. kill@gen:3") from None
+        if action not in ("kill", "nan") or where not in FAULT_POINTS:
+            raise KeelError(f"{FAULT_ENV} entry {entry!r}: action must be kill or nan, point one of {', '.join(FAULT_POINTS)}")
+        if hit and action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if hit:
+            return True
+    return False

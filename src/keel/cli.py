@@ -93,6 +93,15 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_tiny_model(args) -> int:
+    from keel.tiny_models import make_tiny_model_dir
+
+    out = make_tiny_model_dir(args.out, args.data, vocab_size=args.vocab_size, hidden=args.hidden,
+                              layers=args.layers, heads=args.heads, mlp=args.mlp, seed=args.seed)
+    print(out)
+    return 0
+
+
 def cmd_monitor(args) -> int:
     from keel.monitor import monitor_main
 
@@ -157,6 +166,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--run-dir", default=None, help="update RUN_DIR/eval.json with the result")
     sp.set_defaults(fn=cmd_eval)
 
+    sp = sub.add_parser("tiny-model", help="random-init tiny Qwen3 + BPE tokenizer trained on a local data file")
+    sp.add_argument("out")
+    sp.add_argument("--data", required=True, help="JSONL/Parquet file whose prompts train the tokenizer")
+    sp.add_argument("--vocab-size", type=int, default=512)
+    sp.add_argument("--hidden", type=int, default=64)
+    sp.add_argument("--layers", type=int, default=2)
+    sp.add_argument("--heads", type=int, default=4)
+    sp.add_argument("--mlp", type=int, default=128)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.set_defaults(fn=cmd_tiny_model)
+
     for name, fn, help_text in (("monitor", cmd_monitor, "judge a run's health (Keel run dir or verl JSONL)"),
                                 ("report", cmd_report, "HTML/Markdown report with plots"),
                                 ("sweep", cmd_sweep, "grid / Optuna sweeps with the verdict table")):
@@ -175,7 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     if rest and rest[0] in PASSTHROUGH:  # these parse their own options (incl. --help)
         args = argparse.Namespace(debug=debug, fn=PASSTHROUGH[rest[0]], rest=rest[1:])
     else:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        # dotted overrides may come after options (`keel eval DIR --k 4 data.val_size=8`)
+        if unknown and hasattr(args, "overrides") and all("=" in u and not u.startswith("-") for u in unknown):
+            args.overrides = [*args.overrides, *unknown]
+        elif unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.fn(args) or 0
     except KeelError as e:

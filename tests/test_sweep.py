@@ -1,0 +1,265 @@
+"""keel sweep: outcome classification on hand-made traces, the sweep file check, and real tiny sweeps
+(kill + resume, a failed run, an Optuna search with a health-pruned trial)."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from keel.config import parse_override
+from keel.errors import KeelError
+from keel.sweep import classify_outcome, last_error_line, load_sweep_spec, override_text, run_sweep, sweep_main
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "sweeps" / "smoke.yaml"
+SEED = REPO / "sweeps" / "seed_v0_v3.yaml"
+HEALTHY = {"actor/entropy": 0.06, "actor/kl_loss": 0.01, "token/logical_connectives": 1.0,
+           "response_length/pos/mean": 37.0, "actor/pg_loss": 0.1}
+
+
+def write_trace(run_dir: Path, n: int, **changes) -> Path:
+    """`n` healthy steps; changes = {metric: (from_step, value)} replaces the value from that step on."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "metrics.jsonl", "w") as f:
+        for step in range(1, n + 1):
+            row = {"step": step, **HEALTHY}
+            for key, (start, value) in changes.items():
+                if step >= start:
+                    row[key] = value
+            f.write(json.dumps(row) + "\n")  # json writes float("nan") as NaN, as verl's loggers do
+    return run_dir
+
+
+# --------------------------------------------------------------------------- outcomes (embedded rules)
+# embedded rules: entropy good [0.02, 0.15], bad < 0.005 or > 1.0, judged from step 5, patience 5;
+# connectives bad < 0.02 and KL bad > 2.0, patience 5. A bad streak starting at step s is bad at s + 4.
+
+
+def test_stable_trace(tmp_path):
+    assert classify_outcome(write_trace(tmp_path / "r", 12), 0) == ("Stable", None)
+
+
+def test_entropy_collapse_is_bad_after_patience(tmp_path):
+    run = write_trace(tmp_path / "r", 15, **{"actor/entropy": (6, 0.003)})
+    assert classify_outcome(run, 0) == ("Collapsed", 10)  # bad steps 6, 7, 8, 9, 10
+
+
+def test_entropy_before_from_step_is_not_judged(tmp_path):
+    run = write_trace(tmp_path / "r", 15, **{"actor/entropy": (1, 0.003)})
+    assert classify_outcome(run, 0) == ("Collapsed", 9)  # judged from step 5: bad 5..9
+
+
+def test_too_random_and_kl_divergence(tmp_path):
+    assert classify_outcome(write_trace(tmp_path / "a", 15, **{"actor/entropy": (8, 1.5)}), 0) == ("Too random", 12)
+    assert classify_outcome(write_trace(tmp_path / "b", 15, **{"actor/kl_loss": (3, 3.0)}), 0) == ("Diverged", 7)
+
+
+def test_connectives_collapse_counts_as_collapsed(tmp_path):
+    run = write_trace(tmp_path / "r", 12, **{"token/logical_connectives": (2, 0.0)})
+    assert classify_outcome(run, 0) == ("Collapsed", 6)
+
+
+def test_earliest_problem_names_the_outcome(tmp_path):
+    # KL bad from step 2 (bad at 6) and a non-finite loss at step 9: the KL came first
+    run = write_trace(tmp_path / "r", 12, **{"actor/kl_loss": (2, 3.0), "actor/pg_loss": (9, float("nan"))})
+    assert classify_outcome(run, 0) == ("Diverged", 6)
+    run = write_trace(tmp_path / "s", 12, **{"actor/entropy": (6, 0.003), "actor/pg_loss": (4, float("inf"))})
+    assert classify_outcome(run, 0) == ("Diverged", 4)
+
+
+def test_exit_codes(tmp_path):
+    run = write_trace(tmp_path / "r", 7)
+    assert classify_outcome(run, 4) == ("Diverged", 7)  # the non-finite guard
+    assert classify_outcome(run, 3) == ("Stopped early", 7)  # monitor stop, nothing bad in the replay
+    assert classify_outcome(run, -signal.SIGTERM) == ("Stopped early", 7)
+    assert classify_outcome(run, -signal.SIGKILL) == ("Failed", None)
+    assert classify_outcome(run, 1) == ("Failed", None)
+    assert classify_outcome(tmp_path / "never_started", 2) == ("Failed", None)
+    (run / "PRUNED").write_text("pruned by the median pruner at step 7\n")
+    assert classify_outcome(run, -signal.SIGTERM) == ("Pruned", 7)
+
+
+def test_lablog_rules_on_the_lab_log_v1_setting(tmp_path):
+    # V1 "Too random (8.0)": lablog entropy bad > 7.0, judged from step 100, patience 5 -> bad at 104
+    run = write_trace(tmp_path / "r", 110, **{"actor/entropy": (1, 8.0), "response_length/pos/mean": (1, 900.0)})
+    assert classify_outcome(run, None, rules="lablog") == ("Too random", 104)
+    assert classify_outcome(run, None) == ("Too random", 9)  # embedded rules: bad > 1.0 from step 5
+
+
+def test_run_config_picks_the_rule_set(tmp_path):
+    run = write_trace(tmp_path / "r", 110, **{"actor/entropy": (1, 4.0), "response_length/pos/mean": (1, 900.0)})
+    (run / "config.yaml").write_text(yaml.safe_dump({"monitor": {"rules": "lablog", "extra_rules": []}}))
+    assert classify_outcome(run, 0) == ("Stable", None)  # 4 nats is healthy for Qwen3
+
+
+def test_last_error_line(tmp_path):
+    log = tmp_path / "train.log"
+    log.write_text("$ keel train x\nrun dir: x\nkeel: error: config key 'a' is unknown\n\n")
+    assert last_error_line(log, 2) == "keel: error: config key 'a' is unknown"
+    log.write_text("Traceback (most recent call last):\n  File x\nRuntimeError: boom\n")
+    assert last_error_line(log, 1) == "RuntimeError: boom"
+    assert last_error_line(log, -9) == "killed by signal SIGKILL"
+
+
+# --------------------------------------------------------------------------- the sweep file
+
+
+def write_spec(tmp_path: Path, body: dict) -> Path:
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"base": str(REPO / "configs" / "demo.yaml"), **body}, sort_keys=False))
+    return path
+
+
+def test_override_text_round_trips_through_the_config_parser():
+    for value in (1e-05, 0.001, 0.0, 3, True, "band", [1, 2]):
+        assert parse_override(f"k={override_text(value)}")[1] == value
+    assert override_text(1e-05) == "1.0e-05"
+
+
+def test_grid_and_list_expand_with_names(tmp_path):
+    spec = load_sweep_spec(write_spec(tmp_path, {
+        "overrides": {"trainer.total_training_steps": 7},
+        "runs": [{"name": "V0", "set": {"actor_rollout_ref.actor.entropy_coeff": 0}}],
+        "grid": {"name": "ec{entropy_coeff}-kl{actor_rollout_ref.actor.kl_loss_coef}",
+                 "params": {"actor_rollout_ref.actor.entropy_coeff": [0.02, 0.3],
+                            "actor_rollout_ref.actor.kl_loss_coef": [0.001]}}}), ["trainer.seed=5"])
+    assert [r.name for r in spec.runs] == ["V0", "ec0.02-kl0.001", "ec0.3-kl0.001"]
+    assert spec.runs[2].values == {"actor_rollout_ref.actor.entropy_coeff": 0.3, "actor_rollout_ref.actor.kl_loss_coef": 0.001}
+    assert spec.summary_step == 7 and spec.overrides == {"trainer.total_training_steps": 7, "trainer.seed": 5}
+    assert spec.run_overrides(spec.runs[1]) == [
+        "trainer.total_training_steps=7", "trainer.seed=5", "actor_rollout_ref.actor.entropy_coeff=0.02",
+        "actor_rollout_ref.actor.kl_loss_coef=0.001", 'trainer.logger=["jsonl"]']
+
+
+@pytest.mark.parametrize("body, words", [
+    ({"runs": [{"name": "a", "set": {"actor_rollout_ref.actor.entropy_coef": 0.1}}]},
+     ["key 'runs[1].set'", "did you mean 'actor_rollout_ref.actor.entropy_coeff'"]),
+    ({"grid": {"params": {"actor_rollout_ref.actor": [1]}}}, ["key 'grid.params'", "is a config section"]),
+    ({"runs": [{"name": "a"}], "n_job": 2}, ["key 'n_job' is unknown", "did you mean 'n_jobs'"]),
+    ({"runs": [{"name": "a b"}]}, ["key 'runs[1].name'"]),
+    ({"runs": [{"name": "a"}, {"name": "a"}]}, ["duplicate", ": a"]),
+    ({}, ["key 'runs'", "nothing to run"]),
+    ({"optuna": {"params": {"actor_rollout_ref.actor.entropy_coeff": {"low": 0, "high": 0.3, "log": True}}, "n_trials": 2}},
+     ["key 'optuna.params.actor_rollout_ref.actor.entropy_coeff'", "not a valid range"]),
+    ({"optuna": {"params": {"actor_rollout_ref.actor.entropy_coeff": [0.001, 0.3]}}}, ["'optuna.n_trials' is required"]),
+    ({"runs": [{"name": "a"}], "overrides": {"actor_rollout_ref.rollout.n": 1}}, ["key 'overrides'", "must be >= 2"]),
+])
+def test_bad_sweep_files_name_file_and_key(tmp_path, body, words):
+    path = write_spec(tmp_path, body)
+    with pytest.raises(KeelError) as e:
+        load_sweep_spec(path)
+    assert f"sweep file '{path}'" in str(e.value)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_missing_base_and_shipped_seed_sweep(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("base: nope.yaml\nruns: [{name: a}]\n")
+    with pytest.raises(KeelError, match="key 'base' names .*nope.yaml', which does not exist"):
+        load_sweep_spec(path)
+    seed = load_sweep_spec(SEED)  # the shipped lab-log sweep: V0-V3, the scaled grid, one band-controller run
+    names = [r.name for r in seed.runs]
+    assert names[:4] == ["V0", "V1", "V2", "V3"] and len(names) == 10 and seed.n_jobs == 2
+    assert seed.runs[3].values == {"actor_rollout_ref.actor.entropy_coeff": 0.01, "actor_rollout_ref.actor.kl_loss_coef": 0.05}
+    assert [r.values["actor_rollout_ref.actor.entropy_coeff"] for r in seed.runs if r.source == "grid"] == [0.02, 0.05, 0.1, 0.2, 0.3]
+    assert seed.runs[4].name == "band" and seed.runs[4].values["control.type"] == "band" and seed.summary_step == 100
+
+
+# --------------------------------------------------------------------------- real sweeps
+
+
+def read_summary(out: Path) -> dict[str, dict]:
+    with open(out / "summary.csv", newline="") as f:
+        return {row["run"]: row for row in csv.DictReader(f)}
+
+
+def processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for p in Path("/proc").glob("[0-9]*"):
+        try:
+            if text in (p / "cmdline").read_bytes().decode(errors="replace"):
+                pids.append(int(p.name))
+        except OSError:
+            pass
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to check for orphan runs")
+def test_killed_sweep_resumes_and_failed_run_does_not_break_it(tmp_path):
+    out = tmp_path / "sw"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    sweep = subprocess.Popen([sys.executable, "-m", "keel", "sweep", str(SMOKE), "--out", str(out)], cwd=REPO, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first, second = out / "runs" / "ec0" / "sweep_run.json", out / "runs" / "ec0.01" / "train.log"
+    deadline = time.time() + 120
+    while not (first.is_file() and second.is_file()) and time.time() < deadline and sweep.poll() is None:
+        time.sleep(0.1)
+    assert first.is_file() and second.is_file(), "the first run never finished"
+    sweep.kill()  # SIGKILL mid-way: the second run is in flight
+    sweep.wait()
+    for _ in range(100):  # the in-flight run dies with its sweep (PR_SET_PDEATHSIG), no orphan keeps writing
+        if not processes_mentioning(f"trainer.run_dir={out}/runs/ec0.01"):
+            break
+        time.sleep(0.1)
+    assert not processes_mentioning(f"trainer.run_dir={out}/runs/ec0.01")
+    partial = read_summary(out)
+    assert [partial[n]["outcome"] for n in ("ec0", "ec0.01", "bad_group")] == ["Stable", "Pending", "Pending"]
+    record = first.read_text()
+
+    lines = []
+    run_sweep(SMOKE, out, log=lines.append)
+    assert "3 runs (1 finished, 2 to run)" in lines[0]
+    assert first.read_text() == record  # the finished run was skipped, not re-run
+    rows = read_summary(out)
+    assert [rows[n]["outcome"] for n in ("ec0", "ec0.01", "bad_group")] == ["Stable", "Stable", "Failed"]
+    assert [rows[n]["entropy_coeff"] for n in ("ec0", "ec0.01")] == ["0.0", "0.01"]
+    assert [rows[n]["rollout.n"] for n in ("ec0", "bad_group")] == ["4", "1"]
+    assert rows["ec0.01"]["steps"] == "3" and rows["ec0.01"]["exit_code"] == "0" and rows["ec0.01"]["bad_step"] == ""
+    assert float(rows["ec0.01"]["entropy_coeff@3"]) == 0.01 and float(rows["ec0.01"]["entropy@3"]) > 0
+    assert rows["bad_group"]["exit_code"] == "2" and rows["bad_group"]["steps"] == ""
+    assert rows["bad_group"]["note"] == ("keel: error: config key 'actor_rollout_ref.rollout.n' must be >= 2 "
+                                         "(GRPO needs a group), got 1")
+    md = (out / "summary.md").read_text()
+    assert "outcomes: 2 Stable, 1 Failed" in md and "| bad_group | list | 0.0 | 1 | Failed |" in md
+
+    lines.clear()  # a third time: nothing left to do
+    assert sweep_main([str(SMOKE), "--out", str(out), "--dry-run"]) == 0
+    run_sweep(SMOKE, out, log=lines.append)
+    assert "3 runs (3 finished, 0 to run)" in lines[0] and not any(x.startswith("start") for x in lines)
+
+
+def test_optuna_search_prunes_unhealthy_trial_and_resumes(tmp_path):
+    smoke = yaml.safe_load(SMOKE.read_text())
+    # a rule that calls entropy_coeff > 0.05 bad at once: the enqueued 0.1 trial stops at step 1 (exit 3)
+    rule = {"metric": "actor/entropy_coeff", "bad": [0.05, None], "from_step": 1}
+    spec = write_spec(tmp_path, {
+        "name": "search", "n_jobs": 2, "poll_s": 0.2,
+        "overrides": {**smoke["overrides"], "monitor.extra_rules": [rule]},
+        "optuna": {"n_trials": 2, "pruner": "none", "seed": 0, "objective": "critic/score/mean",
+                   "params": {"actor_rollout_ref.actor.entropy_coeff": {"low": 0.0, "high": 0.2}},
+                   "enqueue": [{"actor_rollout_ref.actor.entropy_coeff": 0.0},
+                               {"actor_rollout_ref.actor.entropy_coeff": 0.1}]}})
+    out = tmp_path / "sw"
+    run_sweep(spec, out, log=lambda _: None)
+    rows = read_summary(out)
+    assert list(rows) == ["trial_0000", "trial_0001"]
+    ok, bad = rows["trial_0000"], rows["trial_0001"]
+    assert (ok["outcome"], ok["steps"], ok["objective"], ok["entropy_coeff"]) == ("Stable", "3", "0.0", "0.0")
+    assert (bad["outcome"], bad["bad_step"], bad["steps"], bad["exit_code"]) == ("Too random", "1", "1", "3")
+    assert bad["note"].startswith("actor/entropy_coeff 0.1 > 0.05 for 1 step")
+
+    import optuna
+
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{out / 'optuna.db'}")
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "PRUNED"] and study.trials[0].value == 0.0
+    lines = []
+    run_sweep(spec, out, log=lines.append)  # the budget is spent: no new trial
+    assert "2 trials (2 used)" in lines[0] and len(optuna.load_study(study_name="search", storage=study._storage).trials) == 2
