@@ -32,3 +32,11 @@ def run_keel(args, cwd=None, timeout=600, env=None):
     proc = subprocess.run([sys.executable, "-m", "keel", *args], capture_output=True, text=True, cwd=cwd or REPO,
                           timeout=timeout, env=full_env)
     return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.fixture(scope="session")
+def sft_model() -> Path:
+    """The demo's warm-start model (cached under .cache/keel; ~2-3 minutes to make on a fresh clone)."""
+    code, out, err = run_keel(["sft", "configs/demo.yaml"], timeout=1200)
+    assert code == 0, err[-2000:]
+    return Path(out.strip().splitlines()[-1])

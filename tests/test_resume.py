@@ -93,10 +93,18 @@ def test_kill_anywhere_and_resume_is_bit_identical(tmp_path):
     assert len(set(scores)) == STEPS  # the policy really changes from step to step
     assert ref_metrics[2]["val/accuracy"] is not None  # the mid-run eval (test_freq=3) is part of the bar
 
-    # ---- A: killed during generation of step 3 (checkpoint 2 is complete)
+    # ---- A0: killed right after an optimizer step of step 2, before the first checkpoint
+    code, log = run(run_dir, reward_file, "kill@update:2", "A0")
+    assert code == -signal.SIGKILL, log
+    assert [m["step"] for m in metric_lines(run_dir)] == [1] and not ckpt_dir(run_dir).exists()
+
+    # ---- A: no checkpoint to resume from: starts over (step 1 is not logged twice), then is killed
+    #      during generation of step 3, with checkpoint 2 complete
     code, log = run(run_dir, reward_file, "kill@gen:3", "A")
     assert code == -signal.SIGKILL, log
-    assert latest(run_dir) == "step_000002" and n_lines(run_dir / "metrics.jsonl") == 2
+    assert "resumed from" not in log
+    assert [m["step"] for m in metric_lines(run_dir)] == [1, 2]
+    assert latest(run_dir) == "step_000002"
 
     # ---- B: resumed, killed while writing checkpoint 4 (its files half written in the temp dir)
     code, log = run(run_dir, reward_file, "kill@ckpt_write:4", "B")
@@ -165,22 +173,6 @@ def test_kill_anywhere_and_resume_is_bit_identical(tmp_path):
             assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (step, f)
     assert latest(run_dir) == "step_000006"
     assert not [p for p in ckpt_dir(run_dir).iterdir() if ".tmp-" in p.name]
-
-
-def test_resume_with_no_checkpoint_starts_over_without_duplicate_lines(tmp_path):
-    """Killed before the first checkpoint: resume=auto replays from step 1 and drops the old lines."""
-    reward_file = tmp_path / "digit_reward.py"
-    reward_file.write_text(DIGIT_SHARE)
-    run_dir = tmp_path / "run"
-    code, log = run(run_dir, reward_file, "kill@update:2", "A")
-    assert code == -signal.SIGKILL, log
-    first = metric_lines(run_dir)
-    assert [m["step"] for m in first] == [1] and not ckpt_dir(run_dir).exists()
-    code, log = run(run_dir, reward_file, "kill@gen:3", "B")
-    assert code == -signal.SIGKILL, log
-    again = metric_lines(run_dir)
-    assert [m["step"] for m in again] == [1, 2]  # not [1, 1, 2]
-    assert again[0] == first[0]
 
 
 # --------------------------------------------------------------------------- the fault-injection aid itself

@@ -22,11 +22,21 @@ SMOKE = REPO / "sweeps" / "smoke.yaml"
 SEED = REPO / "sweeps" / "seed_v0_v3.yaml"
 HEALTHY = {"actor/entropy": 0.06, "actor/kl_loss": 0.01, "token/logical_connectives": 1.0,
            "response_length/pos/mean": 37.0, "actor/pg_loss": 0.1}
+# the traces' own rule set (the shipped ones get re-tuned): a bad streak starting at step s is bad at s + 4
+RULES = """
+- {metric: actor/entropy, good: [0.02, 0.15], bad: [[null, 0.005], [1.0, null]], from_step: 5, patience: 5}
+- {metric: token/logical_connectives, good: [0.2, null], bad: [null, 0.02], patience: 5}
+- {metric: actor/kl_loss, good: [null, 0.5], bad: [2.0, null], patience: 5}
+"""
 
 
 def write_trace(run_dir: Path, n: int, **changes) -> Path:
-    """`n` healthy steps; changes = {metric: (from_step, value)} replaces the value from that step on."""
+    """`n` healthy steps; changes = {metric: (from_step, value)} replaces the value from that step on.
+
+    The run's config.yaml points monitor.rules at RULES, as `keel train` would write it."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "rules.yaml").write_text(RULES)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"monitor": {"rules": str(run_dir / "rules.yaml")}}))
     with open(run_dir / "metrics.jsonl", "w") as f:
         for step in range(1, n + 1):
             row = {"step": step, **HEALTHY}
@@ -37,9 +47,7 @@ def write_trace(run_dir: Path, n: int, **changes) -> Path:
     return run_dir
 
 
-# --------------------------------------------------------------------------- outcomes (embedded rules)
-# embedded rules: entropy good [0.02, 0.15], bad < 0.005 or > 1.0, judged from step 5, patience 5;
-# connectives bad < 0.02 and KL bad > 2.0, patience 5. A bad streak starting at step s is bad at s + 4.
+# --------------------------------------------------------------------------- outcomes
 
 
 def test_stable_trace(tmp_path):
@@ -84,19 +92,20 @@ def test_exit_codes(tmp_path):
     assert classify_outcome(tmp_path / "never_started", 2) == ("Failed", None)
     (run / "PRUNED").write_text("pruned by the median pruner at step 7\n")
     assert classify_outcome(run, -signal.SIGTERM) == ("Pruned", 7)
+    run = write_trace(tmp_path / "s", 10, **{"actor/entropy": (2, 0.003)})  # bad at 9, then pruned at 10
+    (run / "PRUNED").write_text("pruned by the median pruner at step 10\n")
+    assert classify_outcome(run, -signal.SIGTERM) == ("Collapsed", 9)
 
 
-def test_lablog_rules_on_the_lab_log_v1_setting(tmp_path):
-    # V1 "Too random (8.0)": lablog entropy bad > 7.0, judged from step 100, patience 5 -> bad at 104
+def test_rules_argument_and_run_config_pick_the_rule_set(tmp_path):
+    # the lab log's V1 "Too random (8.0)" on the Qwen3 scale; the lablog rules judge entropy from step 100
     run = write_trace(tmp_path / "r", 110, **{"actor/entropy": (1, 8.0), "response_length/pos/mean": (1, 900.0)})
-    assert classify_outcome(run, None, rules="lablog") == ("Too random", 104)
-    assert classify_outcome(run, None) == ("Too random", 9)  # embedded rules: bad > 1.0 from step 5
-
-
-def test_run_config_picks_the_rule_set(tmp_path):
-    run = write_trace(tmp_path / "r", 110, **{"actor/entropy": (1, 4.0), "response_length/pos/mean": (1, 900.0)})
-    (run / "config.yaml").write_text(yaml.safe_dump({"monitor": {"rules": "lablog", "extra_rules": []}}))
-    assert classify_outcome(run, 0) == ("Stable", None)  # 4 nats is healthy for Qwen3
+    outcome, step = classify_outcome(run, None, rules="lablog")
+    assert outcome == "Too random" and step >= 100
+    assert classify_outcome(run, None) == ("Too random", 9)  # the run's own RULES: bad > 1.0 from step 5
+    (run / "config.yaml").write_text(yaml.safe_dump({"monitor": {"rules": "lablog", "extra_rules": [
+        {"metric": "actor/entropy", "good": [3.0, 6.0], "bad": [[None, 1.0], [9.0, None]]}]}}))
+    assert classify_outcome(run, 0) == ("Stable", None)  # its extra rule replaced lablog's entropy rule
 
 
 def test_last_error_line(tmp_path):
@@ -236,30 +245,38 @@ def test_killed_sweep_resumes_and_failed_run_does_not_break_it(tmp_path):
     assert "3 runs (3 finished, 0 to run)" in lines[0] and not any(x.startswith("start") for x in lines)
 
 
-def test_optuna_search_prunes_unhealthy_trial_and_resumes(tmp_path):
+def test_optuna_search_prunes_by_health_and_by_median_then_resumes(tmp_path):
     smoke = yaml.safe_load(SMOKE.read_text())
-    # a rule that calls entropy_coeff > 0.05 bad at once: the enqueued 0.1 trial stops at step 1 (exit 3)
-    rule = {"metric": "actor/entropy_coeff", "bad": [0.05, None], "from_step": 1}
+    # the objective is the logged entropy_coeff itself (minimised), so every pruning decision is exact; a
+    # rule calls entropy_coeff > 0.05 bad at once, so the enqueued 0.1 trial stops itself at step 1 (exit 3)
+    # (the random-init model's near-uniform entropy and missing connectives are declared fine here)
+    rules = [{"metric": "actor/entropy_coeff", "bad": [0.05, None], "from_step": 1},
+             {"metric": "actor/entropy", "good": [0, None]}, {"metric": "token/logical_connectives", "good": [0, None]}]
+    ec = "actor_rollout_ref.actor.entropy_coeff"
     spec = write_spec(tmp_path, {
-        "name": "search", "n_jobs": 2, "poll_s": 0.2,
-        "overrides": {**smoke["overrides"], "monitor.extra_rules": [rule]},
-        "optuna": {"n_trials": 2, "pruner": "none", "seed": 0, "objective": "critic/score/mean",
-                   "params": {"actor_rollout_ref.actor.entropy_coeff": {"low": 0.0, "high": 0.2}},
-                   "enqueue": [{"actor_rollout_ref.actor.entropy_coeff": 0.0},
-                               {"actor_rollout_ref.actor.entropy_coeff": 0.1}]}})
+        "name": "search", "n_jobs": 1, "poll_s": 0.1,
+        "overrides": {**smoke["overrides"], "trainer.total_training_steps": 6, "monitor.extra_rules": rules},
+        "optuna": {"n_trials": 3, "seed": 0, "objective": "actor/entropy_coeff", "direction": "minimize",
+                   "n_startup_trials": 1, "n_warmup_steps": 2, "params": {ec: {"low": 0.0, "high": 0.2}},
+                   "enqueue": [{ec: 0.0}, {ec: 0.1}, {ec: 0.04}]}})
     out = tmp_path / "sw"
     run_sweep(spec, out, log=lambda _: None)
     rows = read_summary(out)
-    assert list(rows) == ["trial_0000", "trial_0001"]
-    ok, bad = rows["trial_0000"], rows["trial_0001"]
-    assert (ok["outcome"], ok["steps"], ok["objective"], ok["entropy_coeff"]) == ("Stable", "3", "0.0", "0.0")
+    assert list(rows) == ["trial_0000", "trial_0001", "trial_0002"]
+    ok, bad, pruned = rows["trial_0000"], rows["trial_0001"], rows["trial_0002"]
+    assert (ok["outcome"], ok["steps"], ok["objective"], ok["entropy_coeff"]) == ("Stable", "6", "0.0", "0.0")
     assert (bad["outcome"], bad["bad_step"], bad["steps"], bad["exit_code"]) == ("Too random", "1", "1", "3")
     assert bad["note"].startswith("actor/entropy_coeff 0.1 > 0.05 for 1 step")
+    # 0.04 at step 2 trails the completed trial's 0.0: SIGTERM long before its 6th step
+    assert (pruned["outcome"], pruned["exit_code"], pruned["steps"]) == ("Pruned", str(-signal.SIGTERM), pruned["bad_step"])
+    assert pruned["note"] == "pruned by the median pruner at step 2: actor/entropy_coeff 0.04 trails the other trials"
+    assert int(pruned["steps"]) < 6
 
     import optuna
 
     study = optuna.load_study(study_name="search", storage=f"sqlite:///{out / 'optuna.db'}")
-    assert [t.state.name for t in study.trials] == ["COMPLETE", "PRUNED"] and study.trials[0].value == 0.0
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "PRUNED", "PRUNED"] and study.trials[0].value == 0.0
     lines = []
     run_sweep(spec, out, log=lines.append)  # the budget is spent: no new trial
-    assert "2 trials (2 used)" in lines[0] and len(optuna.load_study(study_name="search", storage=study._storage).trials) == 2
+    assert "3 trials (3 used)" in lines[0] and not any(x.startswith("start") for x in lines)
+    assert len(optuna.load_study(study_name="search", storage=f"sqlite:///{out / 'optuna.db'}").trials) == 3

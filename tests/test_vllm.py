@@ -1,10 +1,11 @@
 """The vllm rollout backend (make test-vllm): log-probs agree with Keel's, weight pushes take effect.
 
 The engine runs a real tiny Qwen3ForCausalLM (the embedded model, saved to a temp dir) on
-the CPU in float32. Tolerance: over 8 rows x 16 tokens vLLM's sampled-token log-probs and
-Keel's teacher-forced ones differed by at most ~5e-7 when measured (float32 rounding
-through different GEMM/attention kernels); 1e-4 leaves 200x headroom and is still far
-below what a wrong temperature (>1e-2 here) or stale weights (>1) produce.
+the CPU in float32. Tolerance: vLLM's sampled-token log-probs and Keel's teacher-forced ones
+differ by at most 9.5e-7 in these tests (2.4e-6 at worst in any run measured: float32
+rounding through different GEMM/attention kernels); 1e-4 leaves >=40x headroom and is still
+far below a wrong temperature (0.39 here), stale weights (4.5) or a stale prompt KV cache
+(4.4e-4 at T=1, 0.5 at T=2).
 """
 
 import copy
@@ -42,15 +43,12 @@ def test_missing_vllm_is_one_keel_error_line(monkeypatch, tmp_path):
 def engine(tmp_path_factory):
     from keel.rollout_vllm import VLLMRollout
 
-    model, tok = build_embedded(TASK_ALPHABET, seed=0)
-    model_dir = tmp_path_factory.mktemp("tiny_qwen3")
-    model.save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
-    cfg = KeelConfig()
+    model, tok = build_embedded(TASK_ALPHABET, seed=0)  # a real Qwen3ForCausalLM (tied head, head_dim 32)
+    cfg = KeelConfig()  # model.path "embedded": for_policy saves the model and tokenizer for vLLM to load
     cfg.data.max_prompt_length, cfg.data.max_response_length = 192, 32
     cfg.rollout.kv_cache_memory_bytes = 16 * 2**20  # 4 KiB per token here: room for 4096 tokens
     threads = torch.get_num_threads()
-    rollout = VLLMRollout(str(model_dir), cfg, tok)
+    rollout = VLLMRollout.for_policy(model, tok, cfg, tmp_path_factory.mktemp("tiny_qwen3"))
     assert torch.get_num_threads() == threads  # the engine leaves the trainer's thread count alone
     return rollout, model.eval(), tok
 
@@ -179,3 +177,17 @@ def test_update_weights_reties_a_broken_output_layer(engine):
     out = rollout.generate([encode(tok, "7+8=")], 2, 6, 1.0, 1.0, seed=3, with_logprobs=True)
     lp, mask = keel_logprobs(base, out, tok.pad_token_id, 1.0)
     assert max_gap(vllm_logprobs(out, lp.shape), lp, mask) < TOL  # a zero head would give log(1/V) everywhere
+
+
+@skip_without_vllm
+@pytest.mark.vllm
+def test_a_kv_cache_too_small_names_the_keel_key(engine, tmp_path):
+    from keel.rollout_vllm import VLLMRollout
+
+    _, base, tok = engine  # runs last: a second engine in the same process, refused at KV-cache sizing
+    cfg = KeelConfig()
+    cfg.rollout.kv_cache_memory_bytes = 64 * 1024  # 16 tokens of this model's KV: not one 128-token block
+    with pytest.raises(KeelError) as err:
+        VLLMRollout.for_policy(base, tok, cfg, tmp_path)
+    assert str(err.value).startswith(f"vLLM could not start on '{tmp_path}': ")
+    assert str(err.value).endswith("(Keel sizes its KV cache with actor_rollout_ref.rollout.kv_cache_memory_bytes=65536)")

@@ -120,7 +120,7 @@ def grpo_loss(model, lean, packed: Packed, advantages: torch.Tensor, old_logp: t
     old = logp.detach() if old_logp is None else old_logp[:, :r]
     adv = advantages[:, None].expand(-1, r)  # (N, r)
     pg_loss, pg_metrics = algorithms.compute_policy_loss(
-        logp, old, adv, mask, lc.clip_ratio_low, lc.clip_ratio_high, lc.clip_ratio_c, lc.loss_agg_mode
+        logp, old, adv, mask, lc.clip_ratio_low, lc.clip_ratio_high, lc.clip_ratio_c, lc.loss_agg_mode, lc.norm_len
     )
     entropy = algorithms.agg_loss(ent, mask, lc.loss_agg_mode, lc.norm_len)
     loss = pg_loss - lc.entropy_coeff * entropy

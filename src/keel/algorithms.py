@@ -159,6 +159,7 @@ def compute_policy_loss(
     clip_ratio_high: float = 0.2,
     clip_ratio_c: float = 3.0,
     loss_agg_mode: str = "token-mean",
+    norm_len: int | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate with clip-higher (DAPO arXiv:2503.14476) and dual-clip (arXiv:1912.09729).
 
@@ -194,7 +195,7 @@ def compute_policy_loss(
     pg3 = -advantages * clip_ratio_c  # (N, L)
     dual = torch.minimum(clipped, pg3)  # (N, L)
     pg = torch.where(advantages < 0, dual, clipped)  # (N, L)
-    loss = agg_loss(pg, response_mask, loss_agg_mode)
+    loss = agg_loss(pg, response_mask, loss_agg_mode, norm_len)
 
     with torch.no_grad():
         metrics = {

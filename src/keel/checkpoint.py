@@ -576,7 +576,8 @@ def fault_point(point: str, step: int) -> bool:
     code reaches a matching (point, step):
 
     * ``kill`` -- the process sends itself SIGKILL right here: no cleanup, no flush, a real crash;
-    * ``nan``  -- returns True; the caller then poisons its value with NaN (a real non-finite path).
+    * ``nan``  -- returns True; the caller then poisons its value with NaN (a real non-finite path;
+      only the ``loss`` and ``grad`` points act on it).
 
     Points: ``gen`` (rollout sampled, before rewards), ``loss`` (a mini-batch loss computed, before
     backward), ``grad`` (after backward, before clipping), ``update`` (after each optimizer step),
@@ -591,13 +592,14 @@ def fault_point(point: str, step: int) -> bool:
         try:
             action, rest = entry.split("@", 1)
             where, steps = rest.split(":", 1)
-            hit = where == point and step in _fault_steps(steps)
+            at_steps = _fault_steps(steps)
         except ValueError:
             raise KeelError(f"{FAULT_ENV} entry {entry!r} must look like ACTION@POINT:STEPS, e.g. kill@gen:3") from None
         if action not in ("kill", "nan") or where not in FAULT_POINTS:
-            raise KeelError(f"{FAULT_ENV} entry {entry!r}: action must be kill or nan, point one of {', '.join(FAULT_POINTS)}")
-        if hit and action == "kill":
-            os.kill(os.getpid(), signal.SIGKILL)
-        if hit:
+            raise KeelError(f"{FAULT_ENV} entry {entry!r}: action must be kill or nan, "
+                            f"point one of {', '.join(FAULT_POINTS)}")
+        if where == point and step in at_steps:
+            if action == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
             return True
     return False

@@ -190,33 +190,40 @@ class MonitorConfig:
 
 @dataclass
 class ControlConfig:
-    # entropy controller: fixed | floor | band (equations in keel/control.py and the README)
+    # entropy controller: fixed | floor | band (equations in keel/control.py and docs/control.md)
     type: str = "fixed"
-    # floor: the entropy target (nats) below which the bonus applies
-    target_entropy: float = 0.05
-    # band: keep actor/entropy inside [low, high] (nats)
-    low: float = 0.03
-    high: float = 0.12
-    # floor: per-step change of entropy_coeff
-    delta: float = 0.0005
-    # band: PI gains in coefficient units per unit of log-entropy error
-    ki: float = 0.01
-    kp: float = 0.02
-    # band: EMA smoothing of entropy (0 = none) and how many steps ahead the slope is extrapolated
+    # floor: the entropy target (nats); the bonus applies only below it (default: the embedded band's centre)
+    target_entropy: float = 0.12
+    # band: keep actor/entropy inside [low, high] (nats). The defaults fit the embedded task (warm start
+    # ~0.15 nats/token); pick them per task from a short run's entropy (docs/control.md)
+    low: float = 0.10
+    high: float = 0.15
+    # floor: per-step change of entropy_coeff (Skywork-OR1 uses 0.005)
+    delta: float = 0.005
+    # band: integral gain (coefficient units per step per unit of log-entropy error)
+    ki: float = 0.05
+    # band: proportional gain on the change of that error (velocity form)
+    kp: float = 0.3
+    # band: EMA smoothing of entropy (0 = none; higher = smoother but slower)
     ema: float = 0.5
-    horizon: float = 3.0
-    # band: when predicted entropy is above `high`, kl_coef *= 1 + kl_gain (at least kl_floor_step)
-    kl_gain: float = 0.2
-    kl_floor_step: float = 0.001
-    # band: inside the band kl_coef relaxes toward its configured value by this factor per step
+    # band: steps ahead the smoothed log-slope is extrapolated (reacts to a fast fall before the band is left)
+    horizon: float = 2.0
+    # band: while predicted entropy is above `high`, kl_coef <- max(kl_coef * (1 + kl_gain), base + kl_step)
+    kl_gain: float = 0.5
+    kl_step: float = 0.01
+    # band: otherwise kl_coef relaxes toward its base (the configured kl_loss_coef) by this factor per step
     kl_decay: float = 0.9
     # bounds on the coefficients a controller may set
     min_entropy_coeff: float = 0.0
     max_entropy_coeff: float = 0.3
     min_kl_coef: float = 0.0
     max_kl_coef: float = 1.0
-    # steps before the controller acts
+    # steps before the floor/band controllers move the coefficients
     warmup_steps: int = 0
+    # monitor.action=rollback: after a collapse (low) rollback entropy_coeff <- max(2c, c + this)
+    rollback_entropy_step: float = 0.05
+    # after an over-random / KL-high (high) rollback kl_coef <- max(2k, k + this), and entropy_coeff halves
+    rollback_kl_step: float = 0.05
 
 
 @dataclass

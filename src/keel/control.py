@@ -5,7 +5,7 @@ cannot hold a floor: once entropy drops the bonus drops with it and collapse fee
 itself. A controller closes the loop on the measured entropy instead.
 
 * ``fixed`` — the configured coefficients, untouched.
-* ``floor`` — the published adaptive rule (Skywork-OR1; TRL ``use_adaptive_entropy``)::
+* ``floor`` — the published adaptive rule (Skywork-OR1, arXiv 2505.22312; TRL ``use_adaptive_entropy``)::
 
       c_{t+1} = clip(c_t + delta * sign(H* - H_t), c_min, c_max)
       bonus_t = c_t * H_t   if H_t < H*   else 0
@@ -14,78 +14,109 @@ itself. A controller closes the loop on the measured entropy instead.
   slope-extrapolated log-entropy, pushing with the entropy bonus from below and with
   the KL anchor from above::
 
-      m_t   = ema * m_{t-1} + (1 - ema) * H_t                 (smoothed entropy)
-      s_t   = log m_t - log m_{t-1}                           (log-slope per step)
-      e_t   = log H* - (log m_t + horizon * s_t),   H* = sqrt(low * high)
-      c_t   = clip(c_{t-1} + ki * e_t + kp * (e_t - e_{t-1}), c_min, c_max)    (velocity-form PI)
-      k_t   = clip(k_{t-1} * (1 + kl_gain), k_min, k_max)    if log m_t + horizon*s_t > log high
-            = k_base + (k_{t-1} - k_base) * kl_decay           otherwise
+      m_t   = ema * m_{t-1} + (1 - ema) * H_t                  (smoothed entropy, m_0 = H_0)
+      s_t   = log m_t - log m_{t-1}                            (log-slope per step)
+      p_t   = log m_t + horizon * s_t                          (log-entropy predicted `horizon` steps ahead)
+      e_t   = log H* - p_t,     H* = sqrt(low * high)          (error to the band's geometric centre)
+      c_t   = clip(c_{t-1} + ki * e_t + kp * (e_t - e_{t-1}), c_min, c_max)        (velocity-form PI)
+      k_t   = clip(max(k_{t-1} * (1 + kl_gain), k_base + kl_step), k_min, k_max)   if p_t > log high
+            = k_base + (k_{t-1} - k_base) * kl_decay                               otherwise
 
   e > 0 means entropy is low or falling toward ``low``: the bonus grows; e < 0 shrinks it,
-  and a predicted crossing of ``high`` also tightens the KL anchor. Working in log-entropy
-  makes the gains independent of the model's vocabulary size; the velocity form has no
-  integral wind-up, and the EMA keeps it from chasing single noisy steps.
+  and a predicted crossing of ``high`` also tightens the KL anchor (the reference policy's
+  entropy is the warm start's, so the anchor pulls an over-random policy back down).
+  Working in log-entropy makes the gains independent of the entropy's scale; the
+  velocity form has no integral wind-up at the clip bounds; the EMA keeps single noisy
+  steps from moving the coefficients much, and the slope term reacts to a fast fall
+  before the band is left.
 
 ``on_rollback(direction)`` is the self-healing hook: after the monitor rolls a run
 back, a collapse ("low") raises the entropy pressure and an over-random or KL-high
-failure ("high") raises the KL pressure and lowers the bonus.
+failure ("high") raises the KL pressure and halves the bonus.
 """
 
 from __future__ import annotations
 
 import math
+from enum import Enum
 
 from keel.config import ControlConfig
+from keel.errors import KeelError
+
+
+class ControllerType(str, Enum):
+    FIXED = "fixed"
+    FLOOR = "floor"
+    BAND = "band"
+
+
+def _clip(x: float, lo: float, hi: float) -> float:
+    return min(hi, max(lo, x))
+
+
+def _usable(entropy: float | None) -> bool:
+    return entropy is not None and math.isfinite(entropy) and entropy > 0
 
 
 class Controller:
-    """Fixed coefficients; the base of the adaptive ones."""
+    """Fixed coefficients; the base of the adaptive ones (rollback, logging, state)."""
 
-    name = "fixed"
+    name = ControllerType.FIXED
 
     def __init__(self, cfg: ControlConfig, entropy_coeff: float, kl_coef: float):
         self.cfg = cfg
         self.entropy_coeff = entropy_coeff
         self.kl_coef = kl_coef
-        self.base_kl_coef = kl_coef
+        self.base_kl_coef = kl_coef  # where the band's KL anchor relaxes to (raised by "high" rollbacks)
         self.rollbacks = 0
 
     def coefficients(self) -> tuple[float, float]:
         """(entropy_coeff, kl_coef) to use in this step's loss."""
         return self.entropy_coeff, self.kl_coef
 
-    def update(self, step: int, entropy: float) -> None:
+    def update(self, step: int, entropy: float | None) -> None:
         """Observe this step's measured entropy (fixed: nothing to do)."""
 
     def on_rollback(self, direction: str) -> None:
-        """Regularise harder in the direction the failing rule implies."""
+        """Regularise harder in the direction the failing rule implies.
+
+        low  (collapse):              c <- min(c_max, max(2c, c + rollback_entropy_step))
+        high (over-random, KL drift): k <- min(k_max, max(2k, k + rollback_kl_step)),  c <- max(c_min, c / 2)
+        """
         self.rollbacks += 1
         c = self.cfg
-        if direction == "low":  # collapse: more entropy pressure
-            self.entropy_coeff = min(c.max_entropy_coeff, max(2 * self.entropy_coeff, self.entropy_coeff + 0.01))
-        else:  # over-random / drifting: more KL pressure, less bonus
-            self.kl_coef = min(c.max_kl_coef, max(2 * self.kl_coef, self.kl_coef + 0.01))
+        if direction == "low":
+            self.entropy_coeff = min(c.max_entropy_coeff,
+                                     max(2 * self.entropy_coeff, self.entropy_coeff + c.rollback_entropy_step))
+        else:
+            self.kl_coef = min(c.max_kl_coef, max(2 * self.kl_coef, self.kl_coef + c.rollback_kl_step))
+            self.base_kl_coef = self.kl_coef
             self.entropy_coeff = max(c.min_entropy_coeff, self.entropy_coeff / 2)
 
+    def band(self) -> tuple[float | None, float | None]:
+        """(low, high) entropy band in force, None where the controller has no such edge."""
+        return None, None
+
     def metrics(self) -> dict:
-        return {
-            "actor/entropy_coeff": self.coefficients()[0],
-            "actor/kl_coef": self.coefficients()[1],
-            "control/entropy_low": self.cfg.low if self.name == "band" else None,
-            "control/entropy_high": self.cfg.high if self.name == "band" else None,
-            "control/rollbacks": self.rollbacks,
-        }
+        ec, kl = self.coefficients()
+        low, high = self.band()
+        return {"actor/entropy_coeff": ec, "actor/kl_coef": kl, "control/entropy_low": low,
+                "control/entropy_high": high, "control/rollbacks": self.rollbacks}
 
     def state_dict(self) -> dict:
         return {k: v for k, v in vars(self).items() if k != "cfg"}
 
     def load_state_dict(self, state: dict) -> None:
         for k, v in state.items():
+            if k not in vars(self):
+                raise KeelError(f"checkpoint controller state has unknown field '{k}' for controller '{self.name.value}'")
             setattr(self, k, v)
 
 
 class FloorController(Controller):
-    name = "floor"
+    """Skywork-OR1's adaptive entropy coefficient: a bang-bang step toward the target."""
+
+    name = ControllerType.FLOOR
 
     def __init__(self, cfg, entropy_coeff, kl_coef):
         super().__init__(cfg, entropy_coeff, kl_coef)
@@ -96,49 +127,77 @@ class FloorController(Controller):
 
     def update(self, step, entropy):
         c = self.cfg
-        if step < c.warmup_steps or entropy is None or not math.isfinite(entropy):
+        if step < c.warmup_steps or not _usable(entropy):
             return
         self.below = entropy < c.target_entropy
         change = c.delta if self.below else -c.delta
-        self.entropy_coeff = min(c.max_entropy_coeff, max(c.min_entropy_coeff, self.entropy_coeff + change))
+        self.entropy_coeff = _clip(self.entropy_coeff + change, c.min_entropy_coeff, c.max_entropy_coeff)
 
-    def metrics(self):
-        m = super().metrics()
-        m["control/entropy_low"] = self.cfg.target_entropy
-        return m
+    def band(self):
+        return self.cfg.target_entropy, None
 
 
 class BandController(Controller):
-    name = "band"
+    """Keel's band controller (equations in the module docstring)."""
+
+    name = ControllerType.BAND
 
     def __init__(self, cfg, entropy_coeff, kl_coef):
         super().__init__(cfg, entropy_coeff, kl_coef)
-        self.smoothed: float | None = None
-        self.prev_error = 0.0
+        self.smoothed: float | None = None  # m_t
+        self.prev_error: float | None = None  # e_{t-1}
+        self.predicted: float | None = None  # exp(p_t), logged
 
     def update(self, step, entropy):
         c = self.cfg
-        if entropy is None or not math.isfinite(entropy) or entropy <= 0:
+        if not _usable(entropy):
             return
         prev = self.smoothed
         self.smoothed = entropy if prev is None else c.ema * prev + (1 - c.ema) * entropy
-        if step < c.warmup_steps:
-            return
         slope = 0.0 if prev is None else math.log(self.smoothed) - math.log(prev)
         predicted = math.log(self.smoothed) + c.horizon * slope
-        error = 0.5 * (math.log(c.low) + math.log(c.high)) - predicted  # log H* - predicted
-        self.entropy_coeff += c.ki * error + c.kp * (error - self.prev_error)
-        self.entropy_coeff = min(c.max_entropy_coeff, max(c.min_entropy_coeff, self.entropy_coeff))
+        self.predicted = math.exp(predicted)
+        if step < c.warmup_steps:
+            return
+        error = 0.5 * (math.log(c.low) + math.log(c.high)) - predicted  # log H* - p_t
+        d_error = 0.0 if self.prev_error is None else error - self.prev_error
+        self.entropy_coeff = _clip(self.entropy_coeff + c.ki * error + c.kp * d_error,
+                                   c.min_entropy_coeff, c.max_entropy_coeff)
         self.prev_error = error
         if predicted > math.log(c.high):
-            self.kl_coef = min(c.max_kl_coef, max(self.kl_coef * (1 + c.kl_gain), c.kl_floor_step))
+            raised = max(self.kl_coef * (1 + c.kl_gain), self.base_kl_coef + c.kl_step)
+            self.kl_coef = _clip(raised, c.min_kl_coef, c.max_kl_coef)
         else:
-            self.kl_coef = self.base_kl_coef + (self.kl_coef - self.base_kl_coef) * c.kl_decay
-        self.kl_coef = max(c.min_kl_coef, self.kl_coef)
+            relaxed = self.base_kl_coef + (self.kl_coef - self.base_kl_coef) * c.kl_decay
+            self.kl_coef = _clip(relaxed, c.min_kl_coef, c.max_kl_coef)
+
+    def on_rollback(self, direction):
+        super().on_rollback(direction)
+        # the restored policy is measured afresh: no smoothing or slope across the jump back
+        self.smoothed, self.prev_error, self.predicted = None, None, None
+
+    def band(self):
+        return self.cfg.low, self.cfg.high
+
+    def metrics(self):
+        m = super().metrics()
+        m["control/entropy_smoothed"] = self.smoothed
+        m["control/entropy_predicted"] = self.predicted
+        return m
 
 
-CONTROLLERS = {"fixed": Controller, "floor": FloorController, "band": BandController}
+CONTROLLERS: dict[ControllerType, type[Controller]] = {
+    ControllerType.FIXED: Controller,
+    ControllerType.FLOOR: FloorController,
+    ControllerType.BAND: BandController,
+}
 
 
 def make_controller(cfg: ControlConfig, entropy_coeff: float, kl_coef: float) -> Controller:
-    return CONTROLLERS[cfg.type](cfg, entropy_coeff, kl_coef)
+    """The controller named by ``control.type``, starting from the configured coefficients."""
+    try:
+        kind = ControllerType(cfg.type)
+    except ValueError:
+        valid = ", ".join(t.value for t in ControllerType)
+        raise KeelError(f"config key 'control.type' is '{cfg.type}'; valid: {valid}") from None
+    return CONTROLLERS[kind](cfg, entropy_coeff, kl_coef)

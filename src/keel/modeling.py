@@ -90,7 +90,8 @@ def load_model_and_tokenizer(path: str, tokenizer_path: str | None = None, dtype
         raise KeelError(f"model directory '{path}' has no weights (*.safetensors or *.bin)")
     tok_dir = Path(tokenizer_path) if tokenizer_path else model_dir
     if not tok_dir.is_dir():
-        raise KeelError(f"tokenizer directory '{tok_dir}' does not exist (config key 'actor_rollout_ref.model.tokenizer_path')")
+        raise KeelError(f"tokenizer directory '{tok_dir}' does not exist "
+                        "(config key 'actor_rollout_ref.model.tokenizer_path')")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
     except Exception as e:  # transformers raises many types for a bad tokenizer dir

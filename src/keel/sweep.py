@@ -107,12 +107,10 @@ def classify_outcome(run_dir: str | Path, exit_code: int | None,
     records = read_metrics(metrics_file) if metrics_file.is_file() else []
     last = records[-1][0] if records else None
     stopped_outside = exit_code is not None and exit_code < 0 and -exit_code in (signal.SIGTERM, signal.SIGINT)
-    if (run_dir / PRUNED_FILE).is_file():
-        return Outcome.PRUNED.value, last
     if exit_code not in (None, 0, EXIT_HEALTH_STOP, EXIT_NONFINITE_STOP) and not stopped_outside:
         return Outcome.FAILED.value, None
 
-    events: list[tuple[int, Outcome]] = []  # (step, outcome) of everything that went wrong
+    events: list[tuple[int, Outcome]] = []  # (step, outcome) of everything that went wrong, health first
     monitor = Monitor(_run_rules(run_dir, rules))
     for step, m in records:
         if any(isinstance(m.get(k), float) and not math.isfinite(m[k]) for k in LOSS_KEYS):
@@ -125,8 +123,10 @@ def classify_outcome(run_dir: str | Path, exit_code: int | None,
             break
     if exit_code == EXIT_NONFINITE_STOP:
         events.append((last or 0, Outcome.DIVERGED))
+    if (run_dir / PRUNED_FILE).is_file():  # a bad health verdict at the pruning step names it instead
+        events.append((last or 0, Outcome.PRUNED))
     if events:
-        step, outcome = min(events, key=lambda e: e[0])
+        step, outcome = min(events, key=lambda e: e[0])  # min keeps the first of equal steps
         return outcome.value, step
     if exit_code == EXIT_HEALTH_STOP or stopped_outside:
         return Outcome.STOPPED_EARLY.value, last
@@ -167,7 +167,7 @@ class OptunaSpec:
     intermediate: str = "critic/score/mean"  # the metric reported to the pruner every step
     pruner: str = "median"  # median | none
     n_startup_trials: int = 3  # median pruner: trials finished before any pruning
-    n_warmup_steps: int = 10  # median pruner: steps of a trial before it can be pruned
+    n_warmup_steps: int = 10  # median pruner: no pruning before this step
     timeout_min: float | None = None  # stop starting new trials after this many minutes (per invocation)
     storage: str | None = None  # default sqlite:///SWEEP_DIR/optuna.db
     study_name: str | None = None  # default the sweep name

@@ -9,6 +9,7 @@ a run resumed from a checkpoint of step s replays steps s+1.. exactly.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -28,6 +29,7 @@ import yaml
 from keel import actor, algorithms, checkpoint, metrics, rollout
 from keel.config import EMBEDDED, KeelConfig, to_dict
 from keel.control import make_controller
+from keel.distributed import Dist, init_from_env
 from keel.data import PromptRow, filter_by_length, load_rows
 from keel.errors import KeelError
 from keel.evaluate import evaluate
@@ -189,6 +191,8 @@ class TrainResult:
 def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
     a, r, t = cfg.actor, cfg.rollout, cfg.trainer
     set_threads(t.num_threads)
+    d = init_from_env()  # a single process unless launched by torchrun
+    main = d.is_main  # rank 0 writes files, logs and checkpoints
     device = pick_device(t.device)
     policy = load_policy(cfg, device)
     model, tok, lean = policy.model, policy.tokenizer, policy.lean
@@ -215,8 +219,10 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
     adv_fn = algorithms.get_adv_estimator(cfg.algorithm.adv_estimator)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.model.dtype == "bfloat16")
 
-    run_dir = make_run_dir(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(d.broadcast(str(make_run_dir(cfg))))
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    d.barrier()
     state = {"step": 0, "nonfinite_skips": 0, "nonfinite_in_row": 0, "rollbacks": 0, "eval_before": None,
              "last_good_ckpt_step": None}
     resumed = checkpoint.find_latest(run_dir) if t.resume == "auto" else None
@@ -228,31 +234,41 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
         log(f"resumed from {resumed.path} (step {state['step']})")
     if t.resume == "auto":  # lines past the checkpoint (all of them if there is none) are replayed
         for name in ("metrics.jsonl", "samples.jsonl", "health.jsonl"):
-            truncate_jsonl(run_dir / name, state["step"])
+            if main:
+                truncate_jsonl(run_dir / name, state["step"])
     meta = run_metadata(cfg, policy)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    (run_dir / "meta.json").write_text(json.dumps(meta, indent=1))
+    meta["hardware"]["world_size"] = d.world
+    if main:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        (run_dir / "meta.json").write_text(json.dumps(meta, indent=1))
     tracker = Tracker([x for x in t.logger if x != "console"], str(run_dir), t.project_name, t.experiment_name,
-                      to_dict(cfg))
+                      to_dict(cfg)) if main else None
+    if not main:
+        log = lambda *_: None  # noqa: E731  (rank 0 speaks for the run)
     log(f"run dir: {run_dir}  ({meta['model']['parameters']:,} parameters, {len(train_rows)} train / "
         f"{len(val_rows)} held-out prompts, {torch.get_num_threads()} thread(s), {device})")
 
     def held_out_accuracy() -> dict:
-        with autocast:
-            return evaluate(model, lean, tok, val_ids, val_rows, reward_fn, k=1,
-                            max_new_tokens=cfg.data.max_response_length, temperature=r.temperature,
-                            top_p=r.top_p, seed=t.seed + 7)
+        result = None
+        if main:  # rank 0 evaluates; the others wait for its answer
+            with autocast:
+                result = evaluate(model, lean, tok, val_ids, val_rows, reward_fn, k=1,
+                                  max_new_tokens=cfg.data.max_response_length, temperature=r.temperature,
+                                  top_p=r.top_p, seed=t.seed + 7)
+        return d.broadcast(result)
 
     def save(step: int, extra: dict | None = None) -> Path:
         st = {"trainer": dict(state), "controller": controller.state_dict(), "monitor": monitor.state_dict(),
               **(extra or {})}
-        return checkpoint.save_checkpoint(run_dir, step, model, optimizer, st, keep=t.max_ckpt_to_keep)
+        path = checkpoint.save_checkpoint(run_dir, step, model, optimizer, st, keep=t.max_ckpt_to_keep) if main else None
+        d.barrier()
+        return path
 
     if state["eval_before"] is None and t.val_before_train:
         state["eval_before"] = held_out_accuracy()
         log(f"held-out accuracy before GRPO: {state['eval_before']['mean@1']:.3f} (n={state['eval_before']['n']})")
 
-    bar = _progress(progress and "console" in t.logger, t.total_training_steps, state["step"])
+    bar = _progress(main and progress and "console" in t.logger, t.total_training_steps, state["step"])
     stopped, exit_code = None, 0
     model.train()
     try:
@@ -261,11 +277,12 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
             t_step = time.perf_counter()
             entropy_coeff, kl_coef = controller.coefficients()
             loss_cfg.entropy_coeff, loss_cfg.kl_loss_coef = entropy_coeff, kl_coef
-            gen = torch.Generator().manual_seed(t.seed * 1_000_003 + step)
+            gen = torch.Generator().manual_seed(t.seed * 1_000_003 + step + 7_919 * d.rank)
 
-            # ---- 1. generate: G completions for each of B prompts
+            # ---- 1. generate: G completions for each of B prompts (this rank's block of them)
             t0 = time.perf_counter()
-            idx = step_prompts(len(train_rows), B, t.seed, step)
+            g_start, g_end = d.shard(B)
+            idx = step_prompts(len(train_rows), B, t.seed, step)[g_start:g_end]
             batch_rows = [train_rows[i] for i in idx]
             model.eval()
             with autocast:
@@ -304,45 +321,29 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
 
             # ---- 5. update: ppo_epochs x mini-batches of whole groups
             t0 = time.perf_counter()
-            update_metrics: dict[str, list[float]] = {}
-            for epoch in range(a.ppo_epochs):
-                order = torch.from_numpy(np.random.default_rng([t.seed, step, epoch]).permutation(B))
-                for m in range(n_mini):
-                    groups = order[m * a.ppo_mini_batch_size : (m + 1) * a.ppo_mini_batch_size]
-                    rows = (groups[:, None] * G + torch.arange(G)).flatten()  # (mb*G,)
-                    mb = packed.select(rows)
-                    with autocast:
-                        loss, lm, _ = actor.grpo_loss(model, lean, mb, advantages[rows].to(device),
-                                                      None if old_logp is None else old_logp[rows],
-                                                      None if ref_logp is None else ref_logp[rows], loss_cfg)
-                    optimizer.zero_grad(set_to_none=True)
-                    if checkpoint.fault_point("loss", step):  # testing aid: a NaN loss
-                        loss = loss * float("nan")
-                    finite = bool(torch.isfinite(loss))
-                    if finite:
-                        loss.backward()
-                        if checkpoint.fault_point("grad", step):  # testing aid: a NaN gradient
-                            next(p for p in model.parameters() if p.grad is not None).grad.fill_(float("nan"))
-                        clip = a.grad_clip if a.grad_clip > 0 else float("inf")
-                        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
-                        finite = math.isfinite(grad_norm)
-                    if finite:
-                        for group in optimizer.param_groups:
-                            group["lr"] = _lr(a.optim, step)
-                        optimizer.step()
-                        checkpoint.fault_point("update", step)  # testing aid: a crash mid-update
-                        lm["actor/grad_norm"] = grad_norm
-                        state["nonfinite_in_row"] = 0
-                    else:  # skip the update: a NaN/inf gradient must never reach the weights
-                        optimizer.zero_grad(set_to_none=True)
-                        state["nonfinite_skips"] += 1
-                        state["nonfinite_in_row"] += 1
-                    for k, v in lm.items():
-                        update_metrics.setdefault(k, []).append(v)
+            update_metrics, finite_flags = ppo_update(
+                model, lean, optimizer, packed, advantages.to(device), old_logp, ref_logp, loss_cfg,
+                group_ids=list(range(g_start, g_end)), n_groups=B, group_size=G,
+                mini_batch_groups=a.ppo_mini_batch_size, ppo_epochs=a.ppo_epochs, seed=(t.seed, step),
+                lr=_lr(a.optim, step), grad_clip=a.grad_clip, d=d, autocast=autocast)
+            for ok in finite_flags:  # a NaN/inf update was skipped: count it; K in a row stops the run
+                state["nonfinite_skips"] += 0 if ok else 1
+                state["nonfinite_in_row"] = 0 if ok else state["nonfinite_in_row"] + 1
             timing["timing_s/update_actor"] = time.perf_counter() - t0
             timing["timing_s/step"] = time.perf_counter() - t_step
 
             # ---- 6. metrics (verl names), health verdict, controller, logging
+            if d.enabled:  # rank 0 sees the whole batch; every rank then acts on rank 0's numbers
+                parts = d.gather((update_metrics, texts, scores, out.response_lengths, prompts_text,
+                                  reward_metrics, int(packed.mask.sum()), out.n_generated))
+                update_metrics = {k: [v for p in parts for v in p[0].get(k, [])] for k in update_metrics}
+                texts, scores = [x for p in parts for x in p[1]], [x for p in parts for x in p[2]]
+                out.response_ids = [[0] * n for p in parts for n in p[3]]  # only the lengths are used below
+                prompts_text = [x for p in parts for x in p[4]]
+                reward_metrics = {k: _finite_mean([p[5].get(k) for p in parts]) for k in reward_metrics}
+                n_tokens, out.n_generated = sum(p[6] for p in parts), sum(p[7] for p in parts)
+            else:
+                n_tokens = int(packed.mask.sum())
             step_metrics = {k: _finite_mean(v) for k, v in update_metrics.items()}
             step_metrics.update(metrics.response_metrics(texts, scores, out.response_lengths,
                                                          cfg.data.max_response_length, G))
@@ -354,12 +355,13 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
                                  "actor/lr": _lr(a.optim, step), "actor/nonfinite_skips": state["nonfinite_skips"],
                                  "critic/advantages/max": float(advantages.max()),
                                  "critic/advantages/min": float(advantages.min()),
-                                 "perf/total_num_tokens": int(packed.mask.sum()),
-                                 "perf/throughput": int(packed.mask.sum()) / max(timing["timing_s/step"], 1e-9),
+                                 "perf/total_num_tokens": n_tokens,
+                                 "perf/throughput": n_tokens / max(timing["timing_s/step"], 1e-9),
                                  "perf/gen_tokens_per_s": out.n_generated / max(timing["timing_s/gen"], 1e-9)})
             step_metrics.update(timing)
             if step == 1:
                 step_metrics.update(data_stats)
+            step_metrics = d.broadcast(step_metrics)  # every rank judges rank 0's numbers: same decisions
             verdict = monitor.observe(step, step_metrics)
             step_metrics.update(monitor.metrics(verdict))
             controller.update(step, step_metrics.get("actor/entropy"))
@@ -367,11 +369,12 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
             if t.test_freq > 0 and step % t.test_freq == 0 and step < t.total_training_steps:
                 ev = held_out_accuracy()
                 step_metrics["val/accuracy"] = ev["mean@1"]
-            tracker.log(step_metrics, step)
-            append_jsonl(run_dir / "health.jsonl", verdict.events)
-            append_jsonl(run_dir / "samples.jsonl", [
-                {"step": step, "prompt": prompts_text[i], "response": texts[i], "score": scores[i]}
-                for i in range(0, len(texts), max(1, len(texts) // max(1, t.n_samples_logged)))][: t.n_samples_logged])
+            if main:
+                tracker.log(step_metrics, step)
+                append_jsonl(run_dir / "health.jsonl", verdict.events)
+                append_jsonl(run_dir / "samples.jsonl", [
+                    {"step": step, "prompt": prompts_text[i], "response": texts[i], "score": scores[i]}
+                    for i in range(0, len(texts), max(1, len(texts) // max(1, t.n_samples_logged)))][: t.n_samples_logged])
             bar.update(step, step_metrics, verdict.overall, controller.rollbacks)
 
             # ---- 7. act on the verdict; checkpoint
@@ -398,7 +401,8 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
                 event = {"step": step, "rule": failing.rule if failing else None, "verdict": "rollback",
                          "reason": f"{verdict.reason}; rolled back to step {target}, "
                                    f"entropy_coeff {controller.entropy_coeff:.4g}, kl_coef {controller.kl_coef:.4g}"}
-                append_jsonl(run_dir / "health.jsonl", [event])
+                if main:
+                    append_jsonl(run_dir / "health.jsonl", [event])
                 log(event["reason"])
                 continue
             if t.save_freq > 0 and step % t.save_freq == 0 and step < t.total_training_steps:
@@ -407,26 +411,90 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
                     state["last_good_ckpt_step"] = step if verdict.overall == "good" else state["last_good_ckpt_step"]
     finally:
         bar.close()
-        tracker.close()
+        if tracker is not None:
+            tracker.close()
 
     # ---- the end: final checkpoint (stop: the reason alongside), model directory, held-out accuracy
-    if stopped:
-        save(state["step"])
+    save(state["step"])
+    if stopped and main:
         (run_dir / "STOPPED").write_text(stopped + "\n")
         append_jsonl(run_dir / "health.jsonl", [{"step": state["step"], "rule": "run", "verdict": "stop",
                                                   "reason": stopped}])
+    if stopped:
         log(f"run stopped at step {state['step']}: {stopped}")
-    else:
-        save(state["step"])
-    checkpoint.save_hf_model(model, tok, run_dir / "model")
+    if main:
+        checkpoint.save_hf_model(model, tok, run_dir / "model")
     after = held_out_accuracy()
     result = {"heldout_accuracy_before": (state["eval_before"] or {}).get("mean@1"),
               "heldout_accuracy_after": after["mean@1"], "n_heldout": after["n"],
               "temperature": r.temperature, "steps": state["step"]}
-    (run_dir / "eval.json").write_text(json.dumps(result, indent=1))
-    meta["end_time"] = datetime.now(timezone.utc).isoformat()
-    (run_dir / "meta.json").write_text(json.dumps(meta, indent=1))
+    if main:
+        (run_dir / "eval.json").write_text(json.dumps(result, indent=1))
+        meta["end_time"] = datetime.now(timezone.utc).isoformat()
+        (run_dir / "meta.json").write_text(json.dumps(meta, indent=1))
     return TrainResult(run_dir, result, stopped, exit_code)
+
+
+def ppo_update(model, lean, optimizer, packed: actor.Packed, advantages: torch.Tensor,
+               old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None, loss_cfg: actor.LossConfig, *,
+               group_ids: list[int], n_groups: int, group_size: int, mini_batch_groups: int, ppo_epochs: int,
+               seed: tuple[int, int], lr: float, grad_clip: float, d: Dist | None = None,
+               autocast=None) -> tuple[dict[str, list[float]], list[bool]]:
+    """ppo_epochs x mini-batches of whole groups over this process's rows; returns (metrics, finite per update).
+
+    `packed`/`advantages`/`old_logp`/`ref_logp` hold this rank's rows: groups `group_ids` of the step's
+    n_groups, G rows each. Mini-batch m of an epoch is the same set of global groups on every rank; each
+    rank takes its members, scales its aggregated loss by local/global count and gradients are summed, so
+    any number of ranks computes exactly the single-process gradient (see keel.distributed).
+    """
+    d = d or Dist()
+    autocast = autocast or contextlib.nullcontext()
+    step = seed[1]
+    position = {g: i for i, g in enumerate(group_ids)}  # global group -> local group index
+    metrics_out: dict[str, list[float]] = {}
+    finite_flags: list[bool] = []
+    for epoch in range(ppo_epochs):
+        order = np.random.default_rng([*seed, epoch]).permutation(n_groups)
+        for m in range(n_groups // mini_batch_groups):
+            groups = [position[g] for g in order[m * mini_batch_groups : (m + 1) * mini_batch_groups] if g in position]
+            rows = (torch.tensor(groups, dtype=torch.long)[:, None] * group_size + torch.arange(group_size)).flatten()
+            optimizer.zero_grad(set_to_none=True)
+            lm: dict[str, float] = {}
+            finite = True
+            loss, local = None, 0.0
+            if len(rows):
+                mb = packed.select(rows)
+                with autocast:
+                    loss, lm, _ = actor.grpo_loss(model, lean, mb, advantages[rows],
+                                                  None if old_logp is None else old_logp[rows],
+                                                  None if ref_logp is None else ref_logp[rows], loss_cfg)
+                if checkpoint.fault_point("loss", step):  # testing aid: a NaN loss
+                    loss = loss * float("nan")
+                local = float(mb.mask.sum() if loss_cfg.loss_agg_mode == "token-mean" else (mb.mask.sum(1) > 0).sum())
+                finite = bool(torch.isfinite(loss))
+            total = d.sum(local)  # collectives run on every rank, rows or not
+            finite = d.all_true(finite)
+            if finite and loss is not None:
+                (loss * (local / total) if d.enabled else loss).backward()
+            if finite:
+                d.sum_grads(model)
+                if checkpoint.fault_point("grad", step):  # testing aid: a NaN gradient
+                    next(p for p in model.parameters() if p.grad is not None).grad.fill_(float("nan"))
+                clip = grad_clip if grad_clip > 0 else float("inf")
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+                finite = math.isfinite(grad_norm)
+            if finite:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                optimizer.step()
+                checkpoint.fault_point("update", step)  # testing aid: a crash mid-update
+                lm["actor/grad_norm"] = grad_norm
+            else:  # skip the update: a NaN/inf gradient must never reach the weights
+                optimizer.zero_grad(set_to_none=True)
+            finite_flags.append(finite)
+            for k, v in lm.items():
+                metrics_out.setdefault(k, []).append(v)
+    return metrics_out, finite_flags
 
 
 def _lr(optim_cfg, step: int) -> float:

@@ -1,0 +1,240 @@
+"""Bad input of every kind ends as ONE line ``keel: error: ...`` that names the file / key / row and what
+is wrong, with exit code 2 and no traceback (``--debug`` shows it). The table below is the list of cases.
+
+A reward function that raises on some samples is not bad input: those samples score
+``reward.error_score`` and are counted in ``reward/errors``; the run goes on.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from conftest import REPO
+from keel import cli
+from keel.checkpoint import save_checkpoint
+from keel.errors import EXIT_BAD_INPUT, KeelError
+from keel.modeling import build_embedded
+from keel.tasks import TASK_ALPHABET
+
+TINY = dict(hidden=16, layers=1, heads=2, mlp=32)  # a ~2k-parameter Qwen3: loading and one step take ms
+
+REWARDS = '''
+def wrong_len(prompts, completions, **kwargs):
+    return [0.0]
+
+def not_a_list(prompts, completions, **kwargs):
+    return 1.0
+
+def two_args(x, y):
+    return [0.0]
+
+not_callable = 3
+
+def digit_share(prompts, completions, **kwargs):
+    return [sum(ch.isdigit() for ch in c) / max(1, len(c)) for c in completions]
+
+def compute_score(data_source, solution_str, ground_truth, extra_info=None):
+    """verl style; the grader 'crashes' on the problem whose answer is 13."""
+    if ground_truth == "13":
+        raise RuntimeError("grader crashed")
+    return sum(ch.isdigit() for ch in solution_str) / max(1, len(solution_str))
+'''
+
+
+def _jsonl(*records) -> str:
+    return "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records)
+
+
+def _model_variant(w: Path, name: str, edit) -> None:
+    shutil.copytree(w / "model", w / name)
+    edit(w / name)
+
+
+@pytest.fixture(scope="module")
+def w(tmp_path_factory) -> Path:
+    """Every broken file / directory of the table, built once."""
+    w = tmp_path_factory.mktemp("bad_input")
+    model, tok = build_embedded(TASK_ALPHABET, seed=0, **TINY)
+    model.save_pretrained(w / "model")
+    tok.save_pretrained(w / "model")
+    config = json.loads((w / "model" / "config.json").read_text())
+    tok_config = json.loads((w / "model" / "tokenizer_config.json").read_text())
+
+    _model_variant(w, "no_config", lambda d: (d / "config.json").unlink())
+    _model_variant(w, "bad_config", lambda d: (d / "config.json").write_text("{oops"))
+    _model_variant(w, "no_weights", lambda d: (d / "model.safetensors").unlink())
+    _model_variant(w, "bad_weights", lambda d: (d / "model.safetensors").write_bytes(b"garbage"))
+    edited = json.dumps({**config, "vocab_size": 5})  # the weights still have 49 rows
+    _model_variant(w, "edited_config", lambda d: (d / "config.json").write_text(edited))
+    _model_variant(w, "bad_tokenizer", lambda d: (d / "tokenizer.json").write_text("{"))
+    no_eos = {k: v for k, v in tok_config.items() if k != "eos_token"}
+    _model_variant(w, "no_eos", lambda d: (d / "tokenizer_config.json").write_text(json.dumps(no_eos)))
+
+    def grow_tokenizer(d: Path) -> None:  # 40 added tokens the model's embedding has no rows for
+        big = AutoTokenizer.from_pretrained(str(d))
+        big.add_tokens([f"<extra_{i}>" for i in range(40)])
+        big.save_pretrained(str(d))
+
+    _model_variant(w, "big_tokenizer", grow_tokenizer)
+
+    gsm = ({"question": f"What is {i} + 1?", "answer": f"{i} + 1 = {i + 1}\n#### {i + 1}"} for i in range(10, 14))
+    (w / "gsm.jsonl").write_text(_jsonl(*gsm))
+    (w / "table.csv").write_text("question,answer\n")
+    (w / "bad_json.jsonl").write_text(_jsonl({"question": "q", "answer": "#### 1"}, "{'question': 'q'}"))
+    (w / "missing_field.jsonl").write_text(_jsonl({"question": "q", "answer": "#### 1"}, {"question": "q2"}))
+    (w / "no_hashes.jsonl").write_text(_jsonl({"question": "q", "answer": "the answer is 4"}))
+    (w / "columns.jsonl").write_text(_jsonl({"text": "hello"}))
+    (w / "empty.jsonl").write_text("")
+    (w / "not_object.jsonl").write_text(_jsonl({"question": "q", "answer": "#### 1"}, "[1, 2]"))
+    (w / "broken.parquet").write_bytes(b"not parquet at all")
+    (w / "rewards.py").write_text(REWARDS)
+    (w / "raises_on_import.py").write_text("raise RuntimeError('cannot reach the grading server')\n")
+    (w / "bad.yaml").write_text("trainer:\n  seed: 1\n   experiment_name: x\n")  # line 3 over-indented
+    (w / "rules.yaml").write_text("- metric: actor/entropy\n  treshold: 3\n")
+
+    # a run directory whose checkpoint was written by a different (bigger) model
+    other, _ = build_embedded(TASK_ALPHABET, seed=0, hidden=32, layers=1, heads=2, mlp=32)
+    save_checkpoint(w / "other_run", 2, other, None, {"trainer": {"step": 2}})
+    return w
+
+
+def argv(w: Path, run_dir: Path, config: str, overrides: list[str]) -> list[str]:
+    base = [f"actor_rollout_ref.model.path={w}/model", f"data.train_files={w}/gsm.jsonl",
+            f"data.val_files={w}/gsm.jsonl", f"trainer.run_dir={run_dir}", "trainer.logger=[jsonl]",
+            "trainer.total_training_steps=1", "trainer.val_before_train=false", "data.val_size=2",
+            "data.train_batch_size=2", "actor_rollout_ref.actor.ppo_mini_batch_size=2",
+            "actor_rollout_ref.rollout.n=2", "data.max_response_length=4"]
+    return ["train", config.format(w=w), *base, *(o.format(w=w) for o in overrides)]
+
+
+DEMO = "configs/demo.yaml"
+
+# (case, config file, overrides, what the one error line must contain); {w} = the fixture's directory
+CASES = [
+    # ---- configs
+    ("config file missing", "no/such.yaml", [], "config file 'no/such.yaml' does not exist"),
+    ("config malformed YAML", "{w}/bad.yaml", [],
+     "config file '{w}/bad.yaml' line 3: malformed YAML (mapping values are not allowed here)"),
+    ("config unknown key", DEMO, ["trainer.sav_freq=2"],
+     "config key 'trainer.sav_freq' is unknown (did you mean 'save_freq'?)"),
+    ("config wrong type", DEMO, ["trainer.total_training_steps=ten"],
+     "config key 'trainer.total_training_steps' must be an integer, got 'ten'"),
+    ("config override without =", DEMO, ["trainer.seed"], "override 'trainer.seed' must look like key.path=value"),
+    ("config unknown loss name", DEMO, ["actor_rollout_ref.actor.loss_agg_mode=token-avg"],
+     "unknown actor_rollout_ref.actor.loss_agg_mode 'token-avg' (valid: token-mean,"),
+    ("config batch > prompts", DEMO, ["data.train_batch_size=8", "actor_rollout_ref.actor.ppo_mini_batch_size=8"],
+     "config key 'data.train_batch_size' (8) exceeds the 4 training prompts"),
+    ("config rules file missing", DEMO, ["monitor.rules=no/rules.yaml"],
+     "monitor rules 'no/rules.yaml' is neither a built-in rule set"),
+    ("config rules file bad field", DEMO, ["monitor.rules={w}/rules.yaml"],
+     "rules file '{w}/rules.yaml' entry 1 (actor/entropy): unknown field 'treshold'"),
+    # ---- data files
+    ("data file missing", DEMO, ["data.train_files=no/train.jsonl"], "data file 'no/train.jsonl' does not exist"),
+    ("data val file missing", DEMO, ["data.val_files=no/val.jsonl"], "data file 'no/val.jsonl' does not exist"),
+    ("data unknown extension", DEMO, ["data.train_files={w}/table.csv"],
+     "data file '{w}/table.csv' has unknown extension '.csv'"),
+    ("data row not JSON", DEMO, ["data.train_files={w}/bad_json.jsonl"],
+     "data file '{w}/bad_json.jsonl' row 2: not valid JSON"),
+    ("data row missing field", DEMO, ["data.train_files={w}/missing_field.jsonl"],
+     "data file '{w}/missing_field.jsonl' row 2: missing 'answer'"),
+    ("data row no #### gold", DEMO, ["data.train_files={w}/no_hashes.jsonl"],
+     "data file '{w}/no_hashes.jsonl' row 1: 'answer' has no '#### <gold>' line"),
+    ("data row not an object", DEMO, ["data.train_files={w}/not_object.jsonl"],
+     "data file '{w}/not_object.jsonl' row 2: must be an object with named fields, got list"),
+    ("data unknown columns", DEMO, ["data.train_files={w}/columns.jsonl"],
+     "data file '{w}/columns.jsonl': cannot tell the row format from columns ['text']"),
+    ("data empty file", DEMO, ["data.train_files={w}/empty.jsonl"], "data file '{w}/empty.jsonl' is empty (no rows)"),
+    ("data broken parquet", DEMO, ["data.train_files={w}/broken.parquet"],
+     "data file '{w}/broken.parquet' is not a readable Parquet file"),
+    ("data every prompt too long", DEMO, ["data.max_prompt_length=3"],
+     "data.train_files '{w}/gsm.jsonl': no usable prompts (all 4 are longer than data.max_prompt_length=3 tokens)"),
+    # ---- model directories
+    ("model dir missing", DEMO, ["actor_rollout_ref.model.path=no/model"], "model directory 'no/model' does not exist"),
+    ("model no config.json", DEMO, ["actor_rollout_ref.model.path={w}/no_config"],
+     "model directory '{w}/no_config' has no config.json"),
+    ("model config.json not JSON", DEMO, ["actor_rollout_ref.model.path={w}/bad_config"],
+     "model directory '{w}/bad_config': config.json is not valid JSON"),
+    ("model no weights", DEMO, ["actor_rollout_ref.model.path={w}/no_weights"],
+     "model directory '{w}/no_weights' has no weights (*.safetensors or *.bin)"),
+    ("model weights garbage", DEMO, ["actor_rollout_ref.model.path={w}/bad_weights"],
+     "model in '{w}/bad_weights' could not be loaded: Error while deserializing header"),
+    ("model config vs weights", DEMO, ["actor_rollout_ref.model.path={w}/edited_config"],
+     "model in '{w}/edited_config' could not be loaded: the weights' tensor shapes do not match config.json"),
+    # ---- tokenizers
+    ("tokenizer dir missing", DEMO, ["actor_rollout_ref.model.tokenizer_path=no/tok"],
+     "tokenizer directory 'no/tok' does not exist (config key 'actor_rollout_ref.model.tokenizer_path')"),
+    ("tokenizer unreadable", DEMO, ["actor_rollout_ref.model.path={w}/bad_tokenizer"],
+     "tokenizer in '{w}/bad_tokenizer' could not be loaded"),
+    ("tokenizer without eos", DEMO, ["actor_rollout_ref.model.path={w}/no_eos"],
+     "tokenizer in '{w}/no_eos' has no eos token (generation could never stop)"),
+    ("tokenizer bigger than vocab", DEMO, ["actor_rollout_ref.model.path={w}/big_tokenizer"],
+     "model in '{w}/big_tokenizer' has vocab_size 49 but its tokenizer has 89 tokens"),
+    # ---- reward functions
+    ("reward unknown built-in", DEMO, ["reward.functions=[math_verfy]"],
+     "reward function 'math_verfy' is unknown (built-ins: arithmetic, auto, format, math_verify;"),
+    ("reward file missing", DEMO, ["reward.functions=[{{name: 'no/r.py:f'}}]"],
+     "reward function 'no/r.py:f': file 'no/r.py' does not exist"),
+    ("reward file raises on import", DEMO, ["reward.functions=[{{name: '{w}/raises_on_import.py:f'}}]"],
+     "importing '{w}/raises_on_import.py' failed (RuntimeError: cannot reach the grading server)"),
+    ("reward function missing", DEMO, ["reward.functions=[{{name: '{w}/rewards.py:nothere'}}]"],
+     "'{w}/rewards.py' has no function 'nothere'"),
+    ("reward not callable", DEMO, ["reward.functions=[{{name: '{w}/rewards.py:not_callable'}}]"],
+     "reward function '{w}/rewards.py:not_callable': 'not_callable' is not callable"),
+    ("reward wrong signature", DEMO, ["reward.functions=[{{name: '{w}/rewards.py:two_args'}}]"],
+     "reward function '{w}/rewards.py:two_args' has signature (x, y); expected TRL's"),
+    ("reward wrong length", DEMO, ["reward.functions=[{{name: '{w}/rewards.py:wrong_len'}}]"],
+     "reward function 'wrong_len' returned 1 scores for 4 completions"),
+    ("reward not a list", DEMO, ["reward.functions=[{{name: '{w}/rewards.py:not_a_list'}}]"],
+     "reward function 'not_a_list' must return a list of floats, got float"),
+    ("verl custom_reward_function missing", DEMO, ["custom_reward_function.path=no/score.py"],
+     "reward function 'no/score.py': file 'no/score.py' does not exist"),
+    # ---- checkpoints
+    ("resume from another model's checkpoint", DEMO, ["trainer.run_dir={w}/other_run", "trainer.resume=auto"],
+     "checkpoint {w}/other_run/checkpoints/step_000002: 'model.embed_tokens.weight' is torch.float32 (49, 32) "
+     "but the model has torch.float32 (49, 16)"),
+]
+
+
+@pytest.mark.parametrize("case, config, overrides, expected", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_and_exit_2(w, tmp_path, capsys, case, config, overrides, expected):
+    code = cli.main(argv(w, tmp_path / "run", config, overrides))
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == EXIT_BAD_INPUT == 2, err
+    assert len(lines) == 1 and lines[0].startswith("keel: error: "), err
+    assert expected.format(w=w) in lines[0]
+
+
+def test_debug_raises_instead(w, tmp_path):
+    """--debug: main() re-raises, so the interpreter prints the full traceback."""
+    with pytest.raises(KeelError, match="row 2: missing 'answer'"):
+        cli.main(["--debug", *argv(w, tmp_path / "run", DEMO, ["data.train_files={w}/missing_field.jsonl"])])
+
+
+def test_real_process_exit_code_2_and_no_traceback(w, tmp_path):
+    """The same through a real `python -m keel` process: exit status 2, stderr is the one line."""
+    args = argv(w, tmp_path / "run", DEMO, ["data.train_files={w}/missing_field.jsonl"])
+    proc = subprocess.run([sys.executable, "-m", "keel", *args], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"keel: error: data file '{w}/missing_field.jsonl' row 2: missing 'answer' (or set data.skip_invalid: true)"]
+
+
+def test_reward_raising_on_some_samples_is_counted_not_fatal(w, tmp_path, caplog):
+    """4 prompts x n=2 every step; the grader raises on the 2 completions of the prompt whose answer is 13."""
+    run_dir = tmp_path / "run"
+    code = cli.main(argv(w, run_dir, DEMO, [
+        "custom_reward_function.path={w}/rewards.py", "custom_reward_function.name=compute_score",
+        "reward.error_score=-1.0", "data.train_batch_size=4", "trainer.total_training_steps=2"]))
+    assert code == 0
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["reward/errors"] for r in rows] == [2.0, 2.0]
+    assert [r["critic/score/min"] for r in rows] == [-1.0, -1.0]  # error_score; the others are in [0, 1]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "keel.rewards"]
+    assert warnings == ["reward function 'compute_score' failed on a sample (RuntimeError: grader crashed); "
+                        "scored -1.0"]  # warned once; the count is in reward/errors every step

@@ -1,0 +1,162 @@
+"""Entropy controllers: hand-computed steps of the floor and band rules, rollback adjustments, state."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from keel.config import ControlConfig, load_config
+from keel.control import BandController, ControllerType, FloorController, make_controller
+from keel.errors import KeelError
+
+# band [0.10, 0.16]: centre H* = sqrt(0.016) = 0.126491, log H* = -2.067568
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+BAND = dict(low=0.10, high=0.16, ki=0.05, kp=0.3, ema=0.5, horizon=2.0, kl_gain=0.5, kl_step=0.01, kl_decay=0.9)
+
+
+def band(ec=0.0, kl=0.001, **kw):
+    return make_controller(ControlConfig(type="band", **{**BAND, **kw}), ec, kl)
+
+
+def test_registry_and_unknown_name():
+    assert isinstance(make_controller(ControlConfig(type="floor"), 0.0, 0.0), FloorController)
+    assert isinstance(band(), BandController)
+    assert make_controller(ControlConfig(), 0.01, 0.002).name is ControllerType.FIXED
+    with pytest.raises(KeelError, match="valid: fixed, floor, band"):
+        make_controller(ControlConfig(type="pid"), 0.0, 0.0)
+    with pytest.raises(KeelError, match="control.type"):
+        load_config(None, ["control.type=pid"])
+
+
+def test_fixed_never_moves():
+    c = make_controller(ControlConfig(type="fixed"), 0.01, 0.002)
+    for step, h in enumerate([0.2, 0.01, 0.5], 1):
+        c.update(step, h)
+    assert c.coefficients() == (0.01, 0.002)
+    m = c.metrics()
+    assert m["actor/entropy_coeff"] == 0.01 and m["actor/kl_coef"] == 0.002
+    assert m["control/entropy_low"] is None and m["control/entropy_high"] is None
+
+
+def test_floor_steps_toward_target_and_bonus_only_below():
+    c = make_controller(ControlConfig(type="floor", target_entropy=0.12, delta=0.005), 0.0, 0.001)
+    c.update(1, 0.10)  # below: +delta, bonus on
+    assert c.coefficients() == pytest.approx((0.005, 0.001))
+    c.update(2, 0.11)  # still below
+    assert c.coefficients() == pytest.approx((0.010, 0.001))
+    c.update(3, 0.13)  # above: -delta, and the bonus is off while above
+    assert c.entropy_coeff == pytest.approx(0.005) and c.coefficients()[0] == 0.0
+    c.update(4, 0.14)
+    c.update(5, 0.14)  # clipped at min_entropy_coeff = 0
+    assert c.entropy_coeff == 0.0
+    c.update(6, float("nan"))  # a missing / non-finite entropy is ignored
+    c.update(7, None)
+    assert c.entropy_coeff == 0.0 and c.coefficients()[0] == 0.0
+    top = make_controller(ControlConfig(type="floor", target_entropy=0.12, max_entropy_coeff=0.3), 0.298, 0.0)
+    top.update(1, 0.05)
+    assert top.entropy_coeff == pytest.approx(0.3)  # 0.298 + 0.005 clipped
+    assert top.metrics()["control/entropy_low"] == 0.12 and top.metrics()["control/entropy_high"] is None
+
+
+def test_floor_waits_for_warmup():
+    c = make_controller(ControlConfig(type="floor", target_entropy=0.12, warmup_steps=3), 0.0, 0.0)
+    c.update(1, 0.05)
+    c.update(2, 0.05)
+    assert c.entropy_coeff == 0.0
+    c.update(3, 0.05)
+    assert c.entropy_coeff == pytest.approx(0.005)
+
+
+def test_band_pi_steps_by_hand():
+    c = band()
+    # step 1: m = 0.1, no slope; e = log(0.126491 / 0.1) = 0.235002; c = 0 + 0.05 e = 0.011750
+    c.update(1, 0.10)
+    assert c.entropy_coeff == pytest.approx(0.011750, abs=1e-6)
+    # step 2: same entropy, e unchanged -> only the integral acts: c = 0.023500
+    c.update(2, 0.10)
+    assert c.entropy_coeff == pytest.approx(0.023500, abs=1e-6)
+    # step 3: H = 0.05 -> m = 0.075, s = log 0.75 = -0.287682, p = log 0.075 + 2 s = -3.165630,
+    # e = -2.067568 + 3.165630 = 1.098062; c = 0.0235 + 0.05 * 1.098062 + 0.3 * (1.098062 - 0.235002) = 0.337316
+    # -> clipped to max_entropy_coeff 0.3
+    c.update(3, 0.05)
+    assert c.entropy_coeff == pytest.approx(0.3)
+    assert c.smoothed == pytest.approx(0.075) and c.predicted == pytest.approx(math.exp(-3.165630), rel=1e-5)
+    m = c.metrics()
+    assert (m["control/entropy_low"], m["control/entropy_high"]) == (0.10, 0.16)
+    assert m["actor/entropy_coeff"] == pytest.approx(0.3) and m["control/entropy_smoothed"] == pytest.approx(0.075)
+
+
+def test_band_without_clip_uses_the_proportional_term():
+    c = band(max_entropy_coeff=1.0)
+    for step, h in enumerate([0.10, 0.10, 0.05], 1):
+        c.update(step, h)
+    assert c.entropy_coeff == pytest.approx(0.337316, abs=1e-6)
+
+
+def test_band_above_high_cuts_bonus_and_tightens_kl_then_relaxes():
+    c = band(ec=0.3, kl=0.001)
+    # step 1: H = 0.2: e = log(0.126491 / 0.2) = -0.458145 -> c = 0.3 - 0.022907 = 0.277093;
+    # p = log 0.2 > log 0.16 -> k = max(0.001 * 1.5, 0.001 + 0.01) = 0.011
+    c.update(1, 0.20)
+    assert c.coefficients() == pytest.approx((0.277093, 0.011), abs=1e-6)
+    c.update(2, 0.20)  # k = max(0.0165, 0.011) = 0.0165, c = 0.277093 - 0.022907 = 0.254186
+    assert c.coefficients() == pytest.approx((0.254186, 0.0165), abs=1e-6)
+    # step 3: H = 0.12 -> m = 0.16, s = log 0.8, p = log 0.16 + 2 log 0.8 < log high:
+    # k relaxes toward its base: 0.001 + (0.0165 - 0.001) * 0.9 = 0.01495
+    c.update(3, 0.12)
+    assert c.kl_coef == pytest.approx(0.01495)
+    for step in range(4, 60):
+        c.update(step, 0.126491)
+    assert c.kl_coef == pytest.approx(0.001, abs=1e-4)  # 0.01395 * 0.9^56 = 4e-5 left
+
+
+def test_band_is_quiet_at_the_centre():
+    c = band(ec=0.05)
+    for step in range(1, 20):
+        c.update(step, math.sqrt(0.10 * 0.16))
+    assert c.coefficients() == pytest.approx((0.05, 0.001), abs=1e-9)
+
+
+def test_rollback_adjusts_toward_the_failing_side():
+    c = make_controller(ControlConfig(type="fixed", rollback_entropy_step=0.05, rollback_kl_step=0.05), 0.0, 0.001)
+    steps = []
+    for _ in range(4):  # collapse: max(2c, c + 0.05) -> 0.05, 0.1, 0.2, then clipped at 0.3
+        c.on_rollback("low")
+        steps.append(c.entropy_coeff)
+    assert steps == pytest.approx([0.05, 0.1, 0.2, 0.3])
+    c.on_rollback("high")  # over-random: k = max(0.002, 0.051), c halves
+    assert c.coefficients() == pytest.approx((0.15, 0.051))
+    c.on_rollback("high")  # k = max(0.102, 0.101)
+    assert c.coefficients() == pytest.approx((0.075, 0.102))
+    assert c.rollbacks == 6 and c.metrics()["control/rollbacks"] == 6
+
+
+def test_band_rollback_keeps_the_raised_kl_and_restarts_its_estimate():
+    c = band(ec=0.02, kl=0.001)
+    c.update(1, 0.12)
+    c.on_rollback("high")
+    assert c.coefficients() == pytest.approx((c.entropy_coeff, 0.051))
+    assert c.smoothed is None and c.prev_error is None  # the restored policy is measured afresh
+    for step in range(2, 60):  # inside the band the anchor relaxes to the raised base, not the configured one
+        c.update(step, 0.126491)
+    assert c.kl_coef == pytest.approx(0.051, abs=1e-5)
+
+
+def test_state_round_trips_through_json():
+    a = band()
+    for step, h in enumerate([0.15, 0.13, 0.11], 1):
+        a.update(step, h)
+    b = band()
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    for step, h in enumerate([0.10, 0.09], 4):
+        a.update(step, h)
+        b.update(step, h)
+    assert b.state_dict() == a.state_dict() and b.coefficients() == a.coefficients()
+    with pytest.raises(KeelError, match="unknown field 'integral'"):
+        b.load_state_dict({"integral": 1.0})
+
+
+def test_shipped_demo_configs_load():
+    for name, kind in (("demo_band", "band"), ("demo_floor", "floor")):
+        cfg = load_config(CONFIGS / f"{name}.yaml")
+        assert cfg.control.type == kind and cfg.actor.entropy_coeff == 0.0 and cfg.actor.optim.lr == 1e-4
