@@ -20,6 +20,7 @@ from keel.sweep import classify_outcome, last_error_line, load_sweep_spec, overr
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "sweeps" / "smoke.yaml"
 SEED = REPO / "sweeps" / "seed_v0_v3.yaml"
+EC = "actor_rollout_ref.actor.entropy_coeff"
 HEALTHY = {"actor/entropy": 0.06, "actor/kl_loss": 0.01, "token/logical_connectives": 1.0,
            "response_length/pos/mean": 37.0, "actor/pg_loss": 0.1}
 # the traces' own rule set (the shipped ones get re-tuned): a bad streak starting at step s is bad at s + 4
@@ -140,7 +141,7 @@ def test_grid_and_list_expand_with_names(tmp_path):
                  "params": {"actor_rollout_ref.actor.entropy_coeff": [0.02, 0.3],
                             "actor_rollout_ref.actor.kl_loss_coef": [0.001]}}}), ["trainer.seed=5"])
     assert [r.name for r in spec.runs] == ["V0", "ec0.02-kl0.001", "ec0.3-kl0.001"]
-    assert spec.runs[2].values == {"actor_rollout_ref.actor.entropy_coeff": 0.3, "actor_rollout_ref.actor.kl_loss_coef": 0.001}
+    assert spec.runs[2].values == {EC: 0.3, "actor_rollout_ref.actor.kl_loss_coef": 0.001}
     assert spec.summary_step == 7 and spec.overrides == {"trainer.total_training_steps": 7, "trainer.seed": 5}
     assert spec.run_overrides(spec.runs[1]) == [
         "trainer.total_training_steps=7", "trainer.seed=5", "actor_rollout_ref.actor.entropy_coeff=0.02",
@@ -155,9 +156,9 @@ def test_grid_and_list_expand_with_names(tmp_path):
     ({"runs": [{"name": "a b"}]}, ["key 'runs[1].name'"]),
     ({"runs": [{"name": "a"}, {"name": "a"}]}, ["duplicate", ": a"]),
     ({}, ["key 'runs'", "nothing to run"]),
-    ({"optuna": {"params": {"actor_rollout_ref.actor.entropy_coeff": {"low": 0, "high": 0.3, "log": True}}, "n_trials": 2}},
+    ({"optuna": {"params": {EC: {"low": 0, "high": 0.3, "log": True}}, "n_trials": 2}},
      ["key 'optuna.params.actor_rollout_ref.actor.entropy_coeff'", "not a valid range"]),
-    ({"optuna": {"params": {"actor_rollout_ref.actor.entropy_coeff": [0.001, 0.3]}}}, ["'optuna.n_trials' is required"]),
+    ({"optuna": {"params": {EC: [0.001, 0.3]}}}, ["'optuna.n_trials' is required"]),
     ({"runs": [{"name": "a"}], "overrides": {"actor_rollout_ref.rollout.n": 1}}, ["key 'overrides'", "must be >= 2"]),
 ])
 def test_bad_sweep_files_name_file_and_key(tmp_path, body, words):
@@ -177,8 +178,8 @@ def test_missing_base_and_shipped_seed_sweep(tmp_path):
     seed = load_sweep_spec(SEED)  # the shipped lab-log sweep: V0-V3, the scaled grid, one band-controller run
     names = [r.name for r in seed.runs]
     assert names[:4] == ["V0", "V1", "V2", "V3"] and len(names) == 10 and seed.n_jobs == 2
-    assert seed.runs[3].values == {"actor_rollout_ref.actor.entropy_coeff": 0.01, "actor_rollout_ref.actor.kl_loss_coef": 0.05}
-    assert [r.values["actor_rollout_ref.actor.entropy_coeff"] for r in seed.runs if r.source == "grid"] == [0.02, 0.05, 0.1, 0.2, 0.3]
+    assert seed.runs[3].values == {EC: 0.01, "actor_rollout_ref.actor.kl_loss_coef": 0.05}
+    assert [r.values[EC] for r in seed.runs if r.source == "grid"] == [0.02, 0.05, 0.1, 0.2, 0.3]
     assert seed.runs[4].name == "band" and seed.runs[4].values["control.type"] == "band" and seed.summary_step == 100
 
 
@@ -252,13 +253,12 @@ def test_optuna_search_prunes_by_health_and_by_median_then_resumes(tmp_path):
     # (the random-init model's near-uniform entropy and missing connectives are declared fine here)
     rules = [{"metric": "actor/entropy_coeff", "bad": [0.05, None], "from_step": 1},
              {"metric": "actor/entropy", "good": [0, None]}, {"metric": "token/logical_connectives", "good": [0, None]}]
-    ec = "actor_rollout_ref.actor.entropy_coeff"
     spec = write_spec(tmp_path, {
         "name": "search", "n_jobs": 1, "poll_s": 0.1,
         "overrides": {**smoke["overrides"], "trainer.total_training_steps": 6, "monitor.extra_rules": rules},
         "optuna": {"n_trials": 3, "seed": 0, "objective": "actor/entropy_coeff", "direction": "minimize",
-                   "n_startup_trials": 1, "n_warmup_steps": 2, "params": {ec: {"low": 0.0, "high": 0.2}},
-                   "enqueue": [{ec: 0.0}, {ec: 0.1}, {ec: 0.04}]}})
+                   "n_startup_trials": 1, "n_warmup_steps": 2, "params": {EC: {"low": 0.0, "high": 0.2}},
+                   "enqueue": [{EC: 0.0}, {EC: 0.1}, {EC: 0.04}]}})
     out = tmp_path / "sw"
     run_sweep(spec, out, log=lambda _: None)
     rows = read_summary(out)
@@ -268,7 +268,8 @@ def test_optuna_search_prunes_by_health_and_by_median_then_resumes(tmp_path):
     assert (bad["outcome"], bad["bad_step"], bad["steps"], bad["exit_code"]) == ("Too random", "1", "1", "3")
     assert bad["note"].startswith("actor/entropy_coeff 0.1 > 0.05 for 1 step")
     # 0.04 at step 2 trails the completed trial's 0.0: SIGTERM long before its 6th step
-    assert (pruned["outcome"], pruned["exit_code"], pruned["steps"]) == ("Pruned", str(-signal.SIGTERM), pruned["bad_step"])
+    assert (pruned["outcome"], pruned["exit_code"]) == ("Pruned", str(-signal.SIGTERM))
+    assert pruned["steps"] == pruned["bad_step"]
     assert pruned["note"] == "pruned by the median pruner at step 2: actor/entropy_coeff 0.04 trails the other trials"
     assert int(pruned["steps"]) < 6
 

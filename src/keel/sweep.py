@@ -87,7 +87,7 @@ def _run_rules(run_dir: Path, rules: list[Rule] | str | None) -> list[Rule]:
 
 
 def side_outcome(failing: Failing) -> Outcome:
-    """The failing rule at the first bad step -> outcome: KL high = Diverged; else low = Collapsed, high = Too random."""
+    """The rule failing at the first bad step -> KL high: Diverged; else low: Collapsed, high: Too random."""
     if "kl" in failing.metric.lower() and failing.direction != "low":
         return Outcome.DIVERGED
     return Outcome.COLLAPSED if failing.direction == "low" else Outcome.TOO_RANDOM
@@ -102,35 +102,45 @@ def classify_outcome(run_dir: str | Path, exit_code: int | None,
     anything else = Failed. `rules`: Rules, a rule-set spec ("embedded", "lablog", a YAML path),
     or None for the run's own (config.yaml ``monitor.rules``; "embedded" when there is no config).
     """
-    run_dir = Path(run_dir)
+    outcome, step, _ = _classify(Path(run_dir), exit_code, rules)
+    return outcome, step
+
+
+def _classify(run_dir: Path, exit_code: int | None, rules) -> tuple[str, int | None, str | None]:
+    """classify_outcome plus the reason: the failing rule's, the non-finite key, or the STOPPED / PRUNED text."""
     metrics_file = run_dir / "metrics.jsonl"
     records = read_metrics(metrics_file) if metrics_file.is_file() else []
     last = records[-1][0] if records else None
     stopped_outside = exit_code is not None and exit_code < 0 and -exit_code in (signal.SIGTERM, signal.SIGINT)
     if exit_code not in (None, 0, EXIT_HEALTH_STOP, EXIT_NONFINITE_STOP) and not stopped_outside:
-        return Outcome.FAILED.value, None
+        return Outcome.FAILED.value, None, last_error_line(run_dir / LOG, exit_code)
 
-    events: list[tuple[int, Outcome]] = []  # (step, outcome) of everything that went wrong, health first
+    def text(name: str) -> str | None:
+        return (run_dir / name).read_text().strip() if (run_dir / name).is_file() else None
+
+    events: list[tuple[int, Outcome, str | None]] = []  # everything that went wrong, health first
     monitor = Monitor(_run_rules(run_dir, rules))
     for step, m in records:
-        if any(isinstance(m.get(k), float) and not math.isfinite(m[k]) for k in LOSS_KEYS):
-            events.append((step, Outcome.DIVERGED))
+        bad_keys = [k for k in LOSS_KEYS if isinstance(m.get(k), float) and not math.isfinite(m[k])]
+        if bad_keys:
+            events.append((step, Outcome.DIVERGED, f"{bad_keys[0]} is {m[bad_keys[0]]} at step {step}"))
             break
     for step, m in records:
         verdict = monitor.observe(step, m)
         if verdict.overall == "bad":
-            events.append((step, side_outcome(verdict.failing_rule)))
+            events.append((step, side_outcome(verdict.failing_rule), verdict.reason))
             break
     if exit_code == EXIT_NONFINITE_STOP:
-        events.append((last or 0, Outcome.DIVERGED))
+        events.append((last or 0, Outcome.DIVERGED, text("STOPPED")))
     if (run_dir / PRUNED_FILE).is_file():  # a bad health verdict at the pruning step names it instead
-        events.append((last or 0, Outcome.PRUNED))
+        events.append((last or 0, Outcome.PRUNED, text(PRUNED_FILE)))
     if events:
-        step, outcome = min(events, key=lambda e: e[0])  # min keeps the first of equal steps
-        return outcome.value, step
+        step, outcome, reason = min(events, key=lambda e: e[0])  # min keeps the first of equal steps
+        return outcome.value, step, reason
     if exit_code == EXIT_HEALTH_STOP or stopped_outside:
-        return Outcome.STOPPED_EARLY.value, last
-    return Outcome.STABLE.value, None
+        why = text("STOPPED") or (f"ended by {signal.Signals(-exit_code).name}" if stopped_outside else None)
+        return Outcome.STOPPED_EARLY.value, last, why
+    return Outcome.STABLE.value, None, None
 
 
 def last_error_line(log_file: Path, exit_code: int | None) -> str:
@@ -565,13 +575,12 @@ def _finish(spec: SweepSpec, job: Job, study, log) -> dict:
     rc = job.proc.returncode
     job.log.close()
     try:
-        outcome, bad_step = classify_outcome(job.run_dir, rc)
-        error = last_error_line(job.run_dir / LOG, rc) if outcome == Outcome.FAILED else None
+        outcome, bad_step, note = _classify(job.run_dir, rc, None)
     except KeelError as e:  # unreadable metrics or rules: the run cannot be judged
-        outcome, bad_step, error = Outcome.FAILED.value, None, str(e)
+        outcome, bad_step, note = Outcome.FAILED.value, None, str(e)
     record = {"name": job.run.name, "source": job.run.source, "values": job.run.values,
               "overrides": spec.run_overrides(job.run), "exit_code": rc, "outcome": outcome, "bad_step": bad_step,
-              "error": error, "wall_s": round(time.time() - job.started, 1)}
+              "note": note, "wall_s": round(time.time() - job.started, 1)}
     if job.run.trial is not None:
         from optuna.trial import TrialState
 
@@ -579,7 +588,7 @@ def _finish(spec: SweepSpec, job: Job, study, log) -> dict:
         value = objective_value(job.run_dir, spec.optuna) if outcome == Outcome.STABLE else None
         record["objective"] = value
         if outcome == Outcome.STABLE and value is None:
-            record["error"] = f"objective '{spec.optuna.objective}' was not logged"
+            record["note"] = f"objective '{spec.optuna.objective}' was not logged"
         state = (TrialState.COMPLETE if value is not None else TrialState.PRUNED
                  if outcome in (Outcome.PRUNED, Outcome.COLLAPSED, Outcome.TOO_RANDOM, Outcome.DIVERGED)
                  else TrialState.FAIL)
@@ -591,7 +600,7 @@ def _finish(spec: SweepSpec, job: Job, study, log) -> dict:
     tmp.replace(job.run_dir / RECORD)
     when = f" at step {bad_step}" if bad_step is not None and outcome != Outcome.STABLE else ""
     log(f"done   {job.run.name}: {outcome}{when} (exit {rc}, {record['wall_s']:.0f} s)"
-        + (f" - {record['error']}" if record["error"] else ""))
+        + (f" - {record['note']}" if record["note"] else ""))
     return record
 
 
@@ -697,11 +706,7 @@ def summary_row(spec: SweepSpec, run_dir: Path | None, record: dict) -> dict:
     row.update(heldout_acc_before=ev.get("heldout_accuracy_before"), heldout_acc_after=ev.get("heldout_accuracy_after"))
     if spec.optuna is not None:
         row["objective"] = record.get("objective")
-    note = record.get("error")
-    for name in (PRUNED_FILE, "STOPPED"):
-        if not note and run_dir and (run_dir / name).is_file():
-            note = (run_dir / name).read_text().strip()
-    row.update(exit_code=record.get("exit_code"), wall_s=record.get("wall_s"), note=note)
+    row.update(exit_code=record.get("exit_code"), wall_s=record.get("wall_s"), note=record.get("note"))
     return row
 
 
