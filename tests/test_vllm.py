@@ -190,4 +190,5 @@ def test_a_kv_cache_too_small_names_the_keel_key(engine, tmp_path):
     with pytest.raises(KeelError) as err:
         VLLMRollout.for_policy(base, tok, cfg, tmp_path)
     assert str(err.value).startswith(f"vLLM could not start on '{tmp_path}': ")
-    assert str(err.value).endswith("(Keel sizes its KV cache with actor_rollout_ref.rollout.kv_cache_memory_bytes=65536)")
+    assert str(err.value).endswith(
+        "(Keel sizes its KV cache with actor_rollout_ref.rollout.kv_cache_memory_bytes=65536)")
