@@ -192,3 +192,23 @@ def test_a_kv_cache_too_small_names_the_keel_key(engine, tmp_path):
     assert str(err.value).startswith(f"vLLM could not start on '{tmp_path}': ")
     assert str(err.value).endswith(
         "(Keel sizes its KV cache with actor_rollout_ref.rollout.kv_cache_memory_bytes=65536)")
+
+
+@pytest.mark.vllm
+@skip_without_vllm
+def test_keel_train_with_vllm_rollouts(tmp_path):
+    """Two GRPO steps with the engine in the loop: weights pushed every step, metrics logged."""
+    import json
+
+    from conftest import run_keel
+
+    run_dir = tmp_path / "run"
+    code, out, err = run_keel(["train", "configs/demo.yaml", "actor_rollout_ref.model.path=embedded",
+                               "actor_rollout_ref.rollout.name=vllm", "trainer.total_training_steps=2",
+                               "trainer.val_before_train=false", "data.val_size=8", "trainer.logger=[jsonl]",
+                               "data.max_response_length=16", "data.train_batch_size=8",
+                               f"trainer.run_dir={run_dir}"], timeout=600)
+    assert code == 0, err[-3000:]
+    rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[1]["actor/ppo_kl"] is not None and rows[1]["response_length/mean"] > 0

@@ -20,6 +20,7 @@ import contextlib
 import difflib
 import itertools
 import json
+import sys
 import math
 import re
 import time
@@ -581,7 +582,9 @@ def monitor_main(argv: list[str]) -> int:
     from rich.console import Console
     from rich.live import Live
 
-    live = Live(console=Console(), auto_refresh=False) if args.follow and not args.json else None
+    # a pipe or a CI log has no terminal width; give the table room instead of folding every cell
+    console = Console() if sys.stdout.isatty() else Console(width=200)
+    live = Live(console=console, auto_refresh=False) if args.follow and not args.json else None
     try:
         with live or contextlib.nullcontext():
             for n in itertools.count(1):
@@ -591,7 +594,7 @@ def monitor_main(argv: list[str]) -> int:
                 elif live:
                     live.update(render_table(summary), refresh=True)
                 else:
-                    Console().print(render_table(summary))
+                    console.print(render_table(summary))
                 if not args.follow or (args.count and n >= args.count):
                     break
                 time.sleep(args.interval)

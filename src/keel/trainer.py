@@ -223,6 +223,14 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
     d.barrier()
+    vllm_engine = None
+    if r.name == "vllm":  # built before a resume: the engine reseeds the global RNGs at start-up
+        import tempfile
+
+        from keel.rollout_vllm import VLLMRollout
+
+        with tempfile.TemporaryDirectory() as scratch:  # vLLM reads the directory only at start-up
+            vllm_engine = VLLMRollout.for_policy(model, tok, cfg, scratch)
     state = {"step": 0, "nonfinite_skips": 0, "nonfinite_in_row": 0, "rollbacks": 0, "eval_before": None,
              "last_good_ckpt_step": None}
     resumed = checkpoint.find_latest(run_dir) if t.resume == "auto" else None
@@ -284,11 +292,17 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
             g_start, g_end = d.shard(B)
             idx = step_prompts(len(train_rows), B, t.seed, step)[g_start:g_end]
             batch_rows = [train_rows[i] for i in idx]
-            model.eval()
-            with autocast:
-                out = rollout.generate(model, [train_ids[i] for i in idx], G, cfg.data.max_response_length,
-                                       r.temperature, r.top_p, tok.eos_token_id, tok.pad_token_id, gen, lean=lean)
-            model.train()
+            if vllm_engine is not None:  # push this step's weights, then sample in the engine
+                vllm_engine.update_weights(model)
+                out = vllm_engine.generate([train_ids[i] for i in idx], G, cfg.data.max_response_length,
+                                           r.temperature, r.top_p, seed=t.seed * 1_000_003 + step + 7_919 * d.rank)
+            else:
+                model.eval()
+                with autocast:
+                    out = rollout.generate(model, [train_ids[i] for i in idx], G, cfg.data.max_response_length,
+                                           r.temperature, r.top_p, tok.eos_token_id, tok.pad_token_id, gen,
+                                           lean=lean)
+                model.train()
             timing["timing_s/gen"] = time.perf_counter() - t0
             checkpoint.fault_point("gen", step)  # testing aid (KEEL_FAULT_INJECT), inert otherwise
 
