@@ -62,7 +62,7 @@ SUMMARY_METRICS = [("entropy", "actor/entropy"), ("score", "critic/score/mean"),
                    ("response_length/pos/mean", "response_length/pos/mean"),
                    ("connectives", "token/logical_connectives"), ("kl", "actor/kl_loss"),
                    ("entropy_coeff", "actor/entropy_coeff")]
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]*")
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+=-]*")  # a directory name; no leading "-" or "."
 _MISSING = object()
 
 
