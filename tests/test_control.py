@@ -97,15 +97,20 @@ def test_band_without_clip_uses_the_proportional_term():
 def test_band_above_high_cuts_bonus_and_tightens_kl_then_relaxes():
     c = band(ec=0.3, kl=0.001)
     # step 1: H = 0.2: e = log(0.126491 / 0.2) = -0.458145 -> c = 0.3 - 0.022907 = 0.277093;
-    # p = log 0.2 > log 0.16 -> k = max(0.001 * 1.5, 0.001 + 0.01) = 0.011
+    # p = log 0.2 > log 0.16 -> c halves to 0.138546, the bonus is off while above,
+    # and k = max(0.001 * 1.5, 0.001 + 0.01) = 0.011
     c.update(1, 0.20)
-    assert c.coefficients() == pytest.approx((0.277093, 0.011), abs=1e-6)
-    c.update(2, 0.20)  # k = max(0.0165, 0.011) = 0.0165, c = 0.277093 - 0.022907 = 0.254186
-    assert c.coefficients() == pytest.approx((0.254186, 0.0165), abs=1e-6)
+    assert c.entropy_coeff == pytest.approx(0.138546, abs=1e-6)
+    assert c.coefficients() == pytest.approx((0.0, 0.011))
+    assert c.metrics()["actor/entropy_coeff"] == 0.0  # the value in force is what is logged
+    c.update(2, 0.20)  # k = max(0.0165, 0.011) = 0.0165, c = (0.138546 - 0.022907) / 2 = 0.057820
+    assert c.entropy_coeff == pytest.approx(0.057820, abs=1e-6)
+    assert c.coefficients() == pytest.approx((0.0, 0.0165))
     # step 3: H = 0.12 -> m = 0.16, s = log 0.8, p = log 0.16 + 2 log 0.8 < log high:
     # k relaxes toward its base: 0.001 + (0.0165 - 0.001) * 0.9 = 0.01495
     c.update(3, 0.12)
     assert c.kl_coef == pytest.approx(0.01495)
+    assert c.coefficients()[0] == pytest.approx(c.entropy_coeff) and c.entropy_coeff > 0.05  # bonus back on
     for step in range(4, 60):
         c.update(step, 0.126491)
     assert c.kl_coef == pytest.approx(0.001, abs=1e-4)  # 0.01395 * 0.9^56 = 4e-5 left
@@ -136,11 +141,11 @@ def test_band_rollback_keeps_the_raised_kl_and_restarts_its_estimate():
     c = band(ec=0.02, kl=0.001)
     c.update(1, 0.12)
     c.on_rollback("high")
-    assert c.coefficients() == pytest.approx((c.entropy_coeff, 0.051))
+    assert c.coefficients() == pytest.approx((c.entropy_coeff, 0.501))  # max(0.002, 0.001 + 0.5)
     assert c.smoothed is None and c.prev_error is None  # the restored policy is measured afresh
     for step in range(2, 60):  # inside the band the anchor relaxes to the raised base, not the configured one
         c.update(step, 0.126491)
-    assert c.kl_coef == pytest.approx(0.051, abs=1e-5)
+    assert c.kl_coef == pytest.approx(0.501, abs=1e-5)
 
 
 def test_state_round_trips_through_json():

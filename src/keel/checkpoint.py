@@ -21,6 +21,9 @@ point leaves either the old ``latest`` or the new one, never a half-written chec
 ``*.tmp-*`` leftovers are ignored by readers and deleted by the next save.
 
 Loading never unpickles: tensors come from safetensors, everything else from JSON.
+
+Testing aid: :func:`fault_point` lets the crash/NaN tests SIGKILL the process or poison a value at a
+named point (``KEEL_FAULT_INJECT=kill@ckpt_write:4``); it does nothing when that variable is unset.
 """
 
 from __future__ import annotations

@@ -19,12 +19,16 @@ itself. A controller closes the loop on the measured entropy instead.
       p_t   = log m_t + horizon * s_t                          (log-entropy predicted `horizon` steps ahead)
       e_t   = log H* - p_t,     H* = sqrt(low * high)          (error to the band's geometric centre)
       c_t   = clip(c_{t-1} + ki * e_t + kp * (e_t - e_{t-1}), c_min, c_max)        (velocity-form PI)
+      c_t   = c_t / 2                                                   also, if p_t > log high
       k_t   = clip(max(k_{t-1} * (1 + kl_gain), k_base + kl_step), k_min, k_max)   if p_t > log high
             = k_base + (k_{t-1} - k_base) * kl_decay                               otherwise
+      bonus_t = c_t * H   if p_t <= log high   else 0
 
-  e > 0 means entropy is low or falling toward ``low``: the bonus grows; e < 0 shrinks it,
-  and a predicted crossing of ``high`` also tightens the KL anchor (the reference policy's
-  entropy is the warm start's, so the anchor pulls an over-random policy back down).
+  e > 0 means entropy is low or falling toward ``low``: the bonus grows; e < 0 shrinks it.
+  A predicted crossing of ``high`` switches the bonus off at once, halves c_t each step it lasts
+  (so a large start, e.g. 0.3, comes back small instead of re-inflating entropy at the top edge)
+  and tightens the KL anchor (the reference policy's entropy is the warm start's, so the anchor
+  pulls an over-random policy back down).
   Working in log-entropy makes the gains independent of the entropy's scale; the
   velocity form has no integral wind-up at the clip bounds; the EMA keeps single noisy
   steps from moving the coefficients much, and the slope term reacts to a fast fall
@@ -147,6 +151,10 @@ class BandController(Controller):
         self.smoothed: float | None = None  # m_t
         self.prev_error: float | None = None  # e_{t-1}
         self.predicted: float | None = None  # exp(p_t), logged
+        self.above = False  # p_t > log high: bonus off, KL anchor tightening
+
+    def coefficients(self):
+        return (0.0 if self.above else self.entropy_coeff), self.kl_coef
 
     def update(self, step, entropy):
         c = self.cfg
@@ -164,7 +172,9 @@ class BandController(Controller):
         self.entropy_coeff = _clip(self.entropy_coeff + c.ki * error + c.kp * d_error,
                                    c.min_entropy_coeff, c.max_entropy_coeff)
         self.prev_error = error
-        if predicted > math.log(c.high):
+        self.above = predicted > math.log(c.high)
+        if self.above:
+            self.entropy_coeff = max(c.min_entropy_coeff, self.entropy_coeff / 2)
             raised = max(self.kl_coef * (1 + c.kl_gain), self.base_kl_coef + c.kl_step)
             self.kl_coef = _clip(raised, c.min_kl_coef, c.max_kl_coef)
         else:
@@ -174,7 +184,7 @@ class BandController(Controller):
     def on_rollback(self, direction):
         super().on_rollback(direction)
         # the restored policy is measured afresh: no smoothing or slope across the jump back
-        self.smoothed, self.prev_error, self.predicted = None, None, None
+        self.smoothed, self.prev_error, self.predicted, self.above = None, None, None, False
 
     def band(self):
         return self.cfg.low, self.cfg.high

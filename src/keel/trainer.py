@@ -240,10 +240,13 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
         controller.load_state_dict(saved["controller"])
         monitor.load_state_dict(saved["monitor"])
         log(f"resumed from {resumed.path} (step {state['step']})")
-    if t.resume == "auto":  # lines past the checkpoint (all of them if there is none) are replayed
+    if t.resume == "auto" and main:  # lines past the checkpoint (all of them if there is none) are replayed
         for name in ("metrics.jsonl", "samples.jsonl", "health.jsonl"):
-            if main:
-                truncate_jsonl(run_dir / name, state["step"])
+            truncate_jsonl(run_dir / name, state["step"])
+        (run_dir / "STOPPED").unlink(missing_ok=True)  # the run goes on: an old stop reason no longer holds
+    elif (run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").stat().st_size > 0:
+        raise KeelError(f"run directory '{run_dir}' already holds a run (metrics.jsonl); continue it with "
+                        "trainer.resume=auto or choose another trainer.run_dir")
     meta = run_metadata(cfg, policy)
     meta["hardware"]["world_size"] = d.world
     if main:

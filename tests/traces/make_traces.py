@@ -102,14 +102,14 @@ def _embedded_cols(rng, t, entropy, connectives, pos_len, kl) -> dict[str, np.nd
 def embedded_stable(rng):
     t = np.arange(1, 81)
     return t, _embedded_cols(rng, t, entropy=np.full(t.shape, 0.06), connectives=np.full(t.shape, 1.0),
-                             pos_len=np.full(t.shape, 37.0), kl=0.02 + 0.13 * t / 80)
+                             pos_len=np.full(t.shape, 37.0), kl=0.01 + 0.06 * t / 80)  # measured demo: 0.001 -> 0.06
 
 
 def embedded_collapse(rng):
     t = np.arange(1, 81)
     u = np.clip((t - 20) / 50, 0, 1)
     return t, _embedded_cols(rng, t, entropy=0.003 + 0.067 * (1 - u) ** 2, connectives=(1 - u) ** 2,
-                             pos_len=5 + 32 * (1 - u) ** 1.5, kl=0.02 + 0.3 * u)
+                             pos_len=5 + 32 * (1 - u) ** 1.5, kl=0.02 + 0.15 * u)  # stays under the KL bad line
 
 
 if __name__ == "__main__":
