@@ -33,12 +33,14 @@ $(VENV)/.vllm: $(VENV)/.installed
 test-vllm: $(VENV)/.vllm
 	$(PY) -m pytest -m vllm tests
 
+# TRL is a benchmark-only dependency; the pins keep it from moving torch or transformers
 $(VENV)/.bench: $(VENV)/.installed
-	$(PY) -m pip install -q 'trl==1.16.0' accelerate datasets torch==2.13.0
+	$(PY) -m pip install -q 'trl==1.16.0' accelerate datasets torch==2.13.0 'transformers>=5.16.1,<5.20'
 	touch $@
 
+# Keel vs TRL side by side (~12 min; BENCH_ARGS=--quick for ~4 min); writes benchmarks/results.json
 bench: $(VENV)/.bench
-	$(PY) benchmarks/vs_trl.py
+	$(PY) benchmarks/vs_trl.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache runs

@@ -96,6 +96,7 @@ def test_band_without_clip_uses_the_proportional_term():
 
 def test_band_above_high_cuts_bonus_and_tightens_kl_then_relaxes():
     c = band(ec=0.3, kl=0.001)
+    c.first_entropy = 0.15  # the reference's entropy (normally the first observation) is inside the band
     # step 1: H = 0.2: e = log(0.126491 / 0.2) = -0.458145 -> c = 0.3 - 0.022907 = 0.277093;
     # p = log 0.2 > log 0.16 -> c halves to 0.138546, the bonus is off while above,
     # and k = max(0.001 * 1.5, 0.001 + 0.01) = 0.011
@@ -187,3 +188,16 @@ def test_band_holds_a_toy_plant_inside_the_band(gain, start_coeff):
         log_h += gain * (coeff - 0.1)
     assert sum(inside[10:]) / 90 >= 0.85
     assert sum(inside[50:]) == 50  # settled: no excursion in the second half
+
+
+def test_band_below_the_reference_does_not_use_the_kl_anchor():
+    """KL to a reference at 0.15 nats would pull entropy up, toward it, not down into [0.08, 0.12]."""
+    c = band(ec=0.05, kl=0.001, low=0.08, high=0.12)
+    for step in range(1, 6):
+        c.update(step, 0.15)
+        assert c.coefficients() == (0.0, pytest.approx(0.001))  # bonus off, anchor left at its base
+    assert c.first_entropy == 0.15
+    inside = band(ec=0.05, kl=0.001, low=0.08, high=0.16)
+    inside.update(1, 0.15)
+    inside.update(2, 0.20)  # reference inside the band: the anchor tightens when entropy heads above it
+    assert inside.kl_coef == pytest.approx(0.011)

@@ -1,19 +1,22 @@
 """The actor: per-token log-probs of sampled responses and the GRPO update of one mini-batch.
 
 Shapes: N rows (completions) in a mini-batch, T packed sequence length, R longest
-response, C hidden size, V vocabulary.
+response, K real response tokens, M distinct tokens, C hidden size, V vocabulary.
 
 Sequences are packed right-padded, ``[prompt | response | pad]`` starting at position 0,
-so a plain causal forward is exact for every real token. Only the hidden states that
-predict response tokens go through the LM head, so prompt positions cost no
-(T x V) logits.
+so a plain causal forward is exact for every real token. With the lean forward the
+padding never reaches a matmul: :func:`flat_layout` lists each distinct token once (the
+prompt a group of G rows shares counts once, not G times), the projections and the MLP
+run over those M tokens, and only attention sees the (N, T) rows. Only the K hidden
+states that predict response tokens go through the LM head.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from keel import algorithms
 from keel.modeling import LeanForward
@@ -25,9 +28,57 @@ class Packed:
     hidden_index: torch.Tensor  # (N, R) position whose output predicts response token j
     labels: torch.Tensor  # (N, R) response token ids (pad where masked)
     mask: torch.Tensor  # (N, R) float, 1 on real response tokens
+    _flat: "FlatLayout | None" = field(default=None, repr=False, compare=False)  # built on first use
 
     def select(self, rows: torch.Tensor) -> "Packed":
         return Packed(self.input_ids[rows], self.hidden_index[rows], self.labels[rows], self.mask[rows])
+
+
+@dataclass
+class FlatLayout:
+    """A batch as its distinct tokens (see :meth:`keel.modeling.LeanForward.hidden_packed`)."""
+
+    input_ids: torch.Tensor  # (M,) shared prompts once, then every response token
+    positions: torch.Tensor  # (M,) rotary position of each token
+    slot_token: torch.Tensor  # (N, T) token at each row slot (pad slots: token 0, never seen by a real slot)
+    token_slot: torch.Tensor  # (M,) the row slot whose attention output each token takes
+    predictor: torch.Tensor  # (K,) token whose output predicts each real response token (row-major)
+    labels: torch.Tensor  # (K,) the response tokens
+    response_mask: torch.Tensor  # (N, R) bool, where the K tokens go back into (N, R)
+
+
+def flat_layout(packed: Packed) -> FlatLayout:
+    """Distinct-token layout of a packed batch; identical prompts (a GRPO group) are stored once."""
+    if packed._flat is not None:
+        return packed._flat
+    ids, device = packed.input_ids, packed.input_ids.device
+    N, T = ids.shape
+    plen = packed.hidden_index[:, 0] + 1  # (N,) prompt lengths
+    rlen = packed.mask.sum(1).long()  # (N,) response lengths
+    # the first row carrying each distinct prompt owns its tokens
+    first: dict[tuple, int] = {}
+    owner = [first.setdefault(tuple(row[:p]), i) for i, (row, p) in enumerate(zip(ids.tolist(), plen.tolist()))]
+    owner = torch.tensor(owner, device=device)  # (N,)
+    is_owner = owner == torch.arange(N, device=device)
+    t = torch.arange(T, device=device)[None]  # (1, T)
+    prompt_slots = (t < plen[:, None]) & is_owner[:, None]  # (N, T)
+    response_slots = (t >= plen[:, None]) & (t < (plen + rlen)[:, None])  # (N, T)
+    n_prompt = int(prompt_slots.sum())
+    prompt_start = (plen * is_owner).cumsum(0) - plen * is_owner  # (N,) offset of an owner's prompt
+    response_start = n_prompt + rlen.cumsum(0) - rlen  # (N,) offset of a row's response
+    slot_token = torch.where(t < plen[:, None], prompt_start[owner][:, None] + t,
+                             (response_start - plen)[:, None] + t)
+    slot_token = torch.where(t < (plen + rlen)[:, None], slot_token, 0)  # (N, T)
+    slot_id = torch.arange(N * T, device=device).view(N, T)
+    tokens_at = torch.cat([prompt_slots.reshape(-1).nonzero(), response_slots.reshape(-1).nonzero()]).squeeze(-1)
+    R = packed.mask.shape[1]
+    j = torch.arange(R, device=device)[None]  # (1, R)
+    response_mask = packed.mask.bool()
+    predictor = torch.where(j == 0, (prompt_start[owner] + plen - 1)[:, None], response_start[:, None] + j - 1)
+    packed._flat = FlatLayout(ids.reshape(-1)[tokens_at], t.expand(N, T).reshape(-1)[tokens_at], slot_token,
+                              slot_id.reshape(-1)[tokens_at], predictor[response_mask],
+                              packed.labels[response_mask], response_mask)
+    return packed._flat
 
 
 def pack(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int, device="cpu") -> Packed:
@@ -56,14 +107,48 @@ def trim(packed: Packed) -> Packed:
 
 
 def response_logits(model, lean: LeanForward | None, packed: Packed) -> torch.Tensor:
-    """(N, R, V) logits at the positions that predict response tokens."""
+    """(N, R, V) logits at the positions that predict response tokens (zeros where masked)."""
     if lean is not None:
-        hidden = lean.base.norm(lean.hidden(packed.input_ids))
-    else:
-        hidden = model.model(input_ids=packed.input_ids).last_hidden_state  # HF applies the final norm
+        logits, flat = _flat_logits(lean, packed)
+        full = logits.new_zeros(*flat.response_mask.shape, logits.shape[-1])
+        return full.masked_scatter(flat.response_mask[..., None], logits)
+    return _padded_logits(model, packed)
+
+
+def _padded_logits(model, packed: Packed) -> torch.Tensor:
+    hidden = model.model(input_ids=packed.input_ids).last_hidden_state  # HF applies the final norm
     idx = packed.hidden_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])  # (N, R, C)
     picked = torch.gather(hidden, 1, idx)
     return model.get_output_embeddings()(picked)
+
+
+def _flat_logits(lean: LeanForward, packed: Packed) -> tuple[torch.Tensor, FlatLayout]:
+    """(K, V) logits of the real response tokens only, and the layout that places them."""
+    flat = flat_layout(packed)
+    hidden = lean.hidden_packed(flat.input_ids, flat.positions, flat.slot_token, flat.token_slot)  # (M, C)
+    return lean._logits(hidden.index_select(0, flat.predictor)), flat
+
+
+def _response_logprobs(model, lean, packed: Packed, temperature: float, chunk: int, with_entropy: bool,
+                       entropy_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(N, R) log-probs and entropies (None unless with_entropy), 0 where masked.
+
+    entropy_grad=False computes the entropy outside the graph (logged, not trained).
+    """
+    N, R = packed.mask.shape
+    if lean is None:
+        part = trim(packed)
+        logits, labels = _padded_logits(model, part), part.labels  # (N, r, V), (N, r)
+        place = lambda x: F.pad(x * part.mask, (0, R - x.shape[1]))  # noqa: E731
+    else:
+        logits, flat = _flat_logits(lean, packed)  # (K, V)
+        labels = flat.labels
+        place = lambda x: x.new_zeros(N, R).masked_scatter(flat.response_mask, x)  # noqa: E731
+    lp, ent = algorithms.logprobs_and_entropy(logits, labels, temperature, chunk, with_entropy and entropy_grad)
+    if with_entropy and not entropy_grad:
+        with torch.no_grad():
+            _, ent = algorithms.logprobs_and_entropy(logits.detach(), labels, temperature, chunk, True)
+    return place(lp), (place(ent) if with_entropy else None)
 
 
 def compute_logprobs(model, lean, packed: Packed, temperature: float, chunk: int,
@@ -74,13 +159,11 @@ def compute_logprobs(model, lean, packed: Packed, temperature: float, chunk: int
     logps, ents = [], []
     with torch.no_grad():
         for s in range(0, N, step):
-            part = trim(packed.select(torch.arange(s, min(N, s + step))))
-            logits = response_logits(model, lean, part)
-            lp, ent = algorithms.logprobs_and_entropy(logits, part.labels, temperature, chunk, with_entropy)
-            R = packed.mask.shape[1]
-            logps.append(torch.nn.functional.pad(lp * part.mask, (0, R - lp.shape[1])))
+            part = packed if step >= N else packed.select(torch.arange(s, min(N, s + step)))
+            lp, ent = _response_logprobs(model, lean, part, temperature, chunk, with_entropy)
+            logps.append(lp)
             if with_entropy:
-                ents.append(torch.nn.functional.pad(ent * part.mask, (0, R - ent.shape[1])))
+                ents.append(ent)
     return torch.cat(logps), (torch.cat(ents) if with_entropy else None)
 
 
@@ -108,15 +191,12 @@ def grpo_loss(model, lean, packed: Packed, advantages: torch.Tensor, old_logp: t
     Returns (loss, metrics, detached log-probs).
     """
     R = packed.mask.shape[1]
-    part = trim(packed)
-    r = part.mask.shape[1]
-    logits = response_logits(model, lean, part)  # (N, r, V)
-    want_entropy_grad = lc.entropy_coeff > 0
-    logp, ent = algorithms.logprobs_and_entropy(logits, part.labels, lc.temperature, lc.entropy_chunk_size,
-                                                with_entropy=want_entropy_grad)
-    if not want_entropy_grad:  # entropy is still logged every step, without a graph
-        _, ent = algorithms.logprobs_and_entropy(logits.detach(), part.labels, lc.temperature, lc.entropy_chunk_size, True)
-    mask = part.mask
+    r = max(1, int(packed.mask.sum(1).max()))  # longest response of this mini-batch
+    # the entropy is logged every step; it joins the graph only when it is in the loss
+    logp, ent = _response_logprobs(model, lean, packed, lc.temperature, lc.entropy_chunk_size, with_entropy=True,
+                                   entropy_grad=lc.entropy_coeff > 0)
+    logp, ent = logp[:, :r], ent[:, :r]
+    mask = packed.mask[:, :r]
     old = logp.detach() if old_logp is None else old_logp[:, :r]
     adv = advantages[:, None].expand(-1, r)  # (N, r)
     pg_loss, pg_metrics = algorithms.compute_policy_loss(
@@ -132,4 +212,4 @@ def grpo_loss(model, lean, packed: Packed, advantages: torch.Tensor, old_logp: t
         kl_loss = algorithms.agg_loss(kl, mask, lc.loss_agg_mode, lc.norm_len)
         loss = loss + lc.kl_loss_coef * kl_loss
         metrics["actor/kl_loss"] = float(kl_loss.detach())
-    return loss, metrics, torch.nn.functional.pad(logp.detach() * mask, (0, R - r))
+    return loss, metrics, F.pad(logp.detach() * mask, (0, R - r))

@@ -208,7 +208,8 @@ class ControlConfig:
     ema: float = 0.5
     # band: steps ahead the smoothed log-slope is extrapolated (reacts to a fast fall before the band is left)
     horizon: float = 2.0
-    # band: while predicted entropy is above `high`, kl_coef <- max(kl_coef * (1 + kl_gain), base + kl_step)
+    # band: while predicted entropy is above `high` the bonus is off, entropy_coeff halves each step, and (when the
+    # first step's entropy, i.e. the reference's, is <= high) kl_coef <- max(kl_coef * (1 + kl_gain), base + kl_step)
     kl_gain: float = 0.5
     kl_step: float = 0.01
     # band: otherwise kl_coef relaxes toward its base (the configured kl_loss_coef) by this factor per step

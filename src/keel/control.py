@@ -20,7 +20,7 @@ itself. A controller closes the loop on the measured entropy instead.
       e_t   = log H* - p_t,     H* = sqrt(low * high)          (error to the band's geometric centre)
       c_t   = clip(c_{t-1} + ki * e_t + kp * (e_t - e_{t-1}), c_min, c_max)        (velocity-form PI)
       c_t   = c_t / 2                                                   also, if p_t > log high
-      k_t   = clip(max(k_{t-1} * (1 + kl_gain), k_base + kl_step), k_min, k_max)   if p_t > log high
+      k_t   = clip(max(k_{t-1} * (1 + kl_gain), k_base + kl_step), k_min, k_max)   if p_t > log high and H_0 <= high
             = k_base + (k_{t-1} - k_base) * kl_decay                               otherwise
       bonus_t = c_t * H   if p_t <= log high   else 0
 
@@ -28,7 +28,8 @@ itself. A controller closes the loop on the measured entropy instead.
   A predicted crossing of ``high`` switches the bonus off at once, halves c_t each step it lasts
   (so a large start, e.g. 0.3, comes back small instead of re-inflating entropy at the top edge)
   and tightens the KL anchor (the reference policy's entropy is the warm start's, so the anchor
-  pulls an over-random policy back down).
+  pulls an over-random policy back down). H_0, the first step's entropy, stands for the
+  reference's: when the band lies below it the anchor would pull entropy *up*, so it is not used.
   Working in log-entropy makes the gains independent of the entropy's scale; the
   velocity form has no integral wind-up at the clip bounds; the EMA keeps single noisy
   steps from moving the coefficients much, and the slope term reacts to a fast fall
@@ -152,6 +153,7 @@ class BandController(Controller):
         self.prev_error: float | None = None  # e_{t-1}
         self.predicted: float | None = None  # exp(p_t), logged
         self.above = False  # p_t > log high: bonus off, KL anchor tightening
+        self.first_entropy: float | None = None  # H_0 ~ the reference policy's entropy
 
     def coefficients(self):
         return (0.0 if self.above else self.entropy_coeff), self.kl_coef
@@ -160,6 +162,8 @@ class BandController(Controller):
         c = self.cfg
         if not _usable(entropy):
             return
+        if self.first_entropy is None:
+            self.first_entropy = entropy
         prev = self.smoothed
         self.smoothed = entropy if prev is None else c.ema * prev + (1 - c.ema) * entropy
         slope = 0.0 if prev is None else math.log(self.smoothed) - math.log(prev)
@@ -175,6 +179,7 @@ class BandController(Controller):
         self.above = predicted > math.log(c.high)
         if self.above:
             self.entropy_coeff = max(c.min_entropy_coeff, self.entropy_coeff / 2)
+        if self.above and self.first_entropy <= c.high:
             raised = max(self.kl_coef * (1 + c.kl_gain), self.base_kl_coef + c.kl_step)
             self.kl_coef = _clip(raised, c.min_kl_coef, c.max_kl_coef)
         else:

@@ -14,6 +14,8 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -117,10 +119,41 @@ def load_model_and_tokenizer(path: str, tokenizer_path: str | None = None, dtype
 # --------------------------------------------------------------------------- lean forward
 
 
+@dataclass
+class _FusedLayer:
+    """One decoder layer's projections concatenated: q|k|v in one matmul, gate|up in another."""
+
+    qkv_weight: torch.Tensor  # ((nh + 2 nkv) hd, C)
+    qkv_bias: torch.Tensor | None
+    gate_up_weight: torch.Tensor  # (2 F, C)
+    gate_up_bias: torch.Tensor | None
+    qk_norm_weight: torch.Tensor | None  # (nh + nkv, hd): q_norm's weight per query head, then k_norm's
+
+
+def _cat_or_none(tensors):
+    return None if any(t is None for t in tensors) else torch.cat(tensors)
+
+
+def _rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
+    """HF's RMSNorm (fp32 statistics, times weight) as one fused op where the dtypes allow it."""
+    if x.dtype == norm.weight.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
+    return norm(x)
+
+
 class LeanForward:
     """Functional forward over an HF Llama-family model's own modules (no copies: gradients flow).
 
-    Shapes: B batch rows, T positions, nh query heads, nkv key/value heads, hd head dim, V vocab.
+    Shapes: B batch rows, T positions, M distinct tokens of a packed batch, nh query heads,
+    nkv key/value heads, hd head dim, C hidden size, V vocab.
+
+    Three entry points, one per job:
+
+    * :meth:`hidden` / :meth:`forward` — right-padded rows (B, T), plain causal attention (SFT);
+    * :meth:`hidden_packed` — a GRPO batch without padding waste: each distinct token (a
+      prompt shared by its group counts once) runs through the projections and the MLP once,
+      and only attention sees the (B, T) row layout;
+    * :meth:`step` / :meth:`decode_step` — KV-cached prefill and one-token decoding for rollouts.
     """
 
     def __init__(self, model):
@@ -133,7 +166,9 @@ class LeanForward:
         self.nkv = cfg.num_key_value_heads
         self.hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.n_layers = cfg.num_hidden_layers
+        self.qk_norm = hasattr(self.base.layers[0].self_attn, "q_norm")  # Qwen3: RMSNorm over each head
         self._rope_cache: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        self._frozen: list[_FusedLayer] | None = None  # fused weights while decoding (weights fixed)
 
     @staticmethod
     def supports(model) -> bool:
@@ -141,40 +176,103 @@ class LeanForward:
         use_sw = getattr(model.config, "use_sliding_window", False)
         return model.config.model_type in LEAN_MODEL_TYPES and not (sw and use_sw)
 
-    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin for integer positions (B, T) -> (B, 1, T, hd), from the model's own rotary module."""
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype,
+             signed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for integer positions (B, T) -> (B, 1, T, hd), from the model's own rotary module.
+
+        signed=True gives sin with its first half negated, the form :meth:`_rotate` takes.
+        """
         n = int(positions.max()) + 1
         if self._rope_cache is None or self._rope_cache[0] < n:
             n_alloc = max(n, 256)
             probe = torch.zeros(1, 1, self.hd, dtype=torch.float32, device=positions.device)
             with torch.no_grad():
                 cos, sin = self.base.rotary_emb(probe, torch.arange(n_alloc, device=positions.device)[None])
-            self._rope_cache = (n_alloc, cos[0], sin[0])  # (n_alloc, hd)
-        _, cos, sin = self._rope_cache
+            cos, sin, half = cos[0], sin[0], self.hd // 2  # (n_alloc, hd)
+            self._rope_cache = (n_alloc, cos, sin, torch.cat([-sin[:, :half], sin[:, half:]], dim=-1))
+        _, cos, sin, sin_signed = self._rope_cache
+        sin = sin_signed if signed else sin
         return cos[positions].unsqueeze(1).to(dtype), sin[positions].unsqueeze(1).to(dtype)
 
     @staticmethod
-    def _rotate(x, cos, sin):
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
+    def _rotate(x, cos, sin_signed):
+        """HF's x*cos + rotate_half(x)*sin with rotate_half(x) = (-x2, x1): a roll swaps the halves and
+        the sign is folded into sin (one copy instead of neg + cat; exact)."""
+        return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_signed
 
-    def _attn_qkv(self, attn, h, B, T, cos, sin):
-        q = attn.q_proj(h).view(B, T, self.nh, self.hd)
-        k = attn.k_proj(h).view(B, T, self.nkv, self.hd)
-        v = attn.v_proj(h).view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
-        if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over each head
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q = self._rotate(q.transpose(1, 2), cos, sin)  # (B, nh, T, hd)
-        k = self._rotate(k.transpose(1, 2), cos, sin)  # (B, nkv, T, hd)
-        return q, k, v
+    # ---- one layer's pieces; decoding uses a fused snapshot of the weights (fewer, larger matmuls)
 
-    def _mlp_block(self, layer, x, attn_out):
-        x = x + layer.self_attn.o_proj(attn_out)
-        return x + layer.mlp(layer.post_attention_layernorm(x))
+    def _fuse(self, layer, dtype: torch.dtype | None = None) -> _FusedLayer:
+        attn, mlp = layer.self_attn, layer.mlp
+        qk_w = None
+        if self.qk_norm:
+            qk_w = torch.cat([attn.q_norm.weight.expand(self.nh, self.hd), attn.k_norm.weight.expand(self.nkv, self.hd)])
+        cast = (lambda t: t) if dtype is None else (lambda t: None if t is None else t.to(dtype))
+        return _FusedLayer(
+            cast(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])),
+            cast(_cat_or_none([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])),
+            cast(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
+            cast(_cat_or_none([mlp.gate_proj.bias, mlp.up_proj.bias])),
+            qk_w,
+        )
+
+    @contextmanager
+    def decoding(self):
+        """Within this block the weights are fixed: fuse q|k|v and gate|up once for all decode steps.
+
+        Under autocast the fused weights are stored in its dtype (autocast would re-cast them at every step).
+        """
+        device = next(self.model.parameters()).device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        with torch.no_grad():
+            self._frozen = [self._fuse(layer, dtype) for layer in self.base.layers]
+        try:
+            yield self
+        finally:
+            self._frozen = None
+
+    def _layers(self) -> list[tuple]:
+        """(layer, fused snapshot or None) per decoder layer."""
+        return list(zip(self.base.layers, self._frozen or [None] * self.n_layers))
+
+    def _qkv_rope(self, layer, fused: _FusedLayer | None, h, cos, sin):
+        """h (..., C) -> q (..., nh, hd), k (..., nkv, hd), v (..., nkv, hd); q and k normed and rotated.
+
+        Training keeps the projections apart: concatenating the weights would cost a copy
+        and a split of their gradients at every step.
+        """
+        attn, nh, nkv, hd = layer.self_attn, self.nh, self.nkv, self.hd
+        if fused is None:
+            q = attn.q_proj(h).unflatten(-1, (nh, hd))
+            k = attn.k_proj(h).unflatten(-1, (nkv, hd))
+            v = attn.v_proj(h).unflatten(-1, (nkv, hd))
+            if self.qk_norm:
+                q, k = _rms_norm(attn.q_norm, q), _rms_norm(attn.k_norm, k)
+            return self._rotate(q, cos, sin), self._rotate(k, cos, sin), v
+        qkv = F.linear(h, fused.qkv_weight, fused.qkv_bias).unflatten(-1, (nh + 2 * nkv, hd))
+        qk, v = qkv[..., : nh + nkv, :], qkv[..., nh + nkv :, :]
+        if fused.qk_norm_weight is not None:  # q_norm and k_norm share eps: one normalisation, per-head weights
+            eps = attn.q_norm.variance_epsilon
+            if qk.dtype == torch.float32:
+                qk = F.rms_norm(qk, (hd,), eps=eps) * fused.qk_norm_weight
+            else:  # autocast: HF's norm statistics in fp32
+                normed = qk.float() * torch.rsqrt(qk.float().pow(2).mean(-1, keepdim=True) + eps)
+                qk = fused.qk_norm_weight * normed.to(qk.dtype)
+        qk = self._rotate(qk, cos, sin)
+        return qk[..., :nh, :], qk[..., nh:, :], v
+
+    def _mlp(self, layer, fused: _FusedLayer | None, x):
+        """x + MLP(post_attention_layernorm(x))."""
+        h = _rms_norm(layer.post_attention_layernorm, x)
+        if fused is None:
+            return x + layer.mlp(h)
+        gate, up = F.linear(h, fused.gate_up_weight, fused.gate_up_bias).chunk(2, dim=-1)
+        return x + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
 
     def _logits(self, x):
-        return self.model.lm_head(self.base.norm(x))
+        return self.model.lm_head(_rms_norm(self.base.norm, x))
+
+    # ---- padded rows
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Full causal forward of right-padded rows (B, T) -> logits (B, T, V)."""
@@ -188,14 +286,41 @@ class LeanForward:
         """
         B, T = input_ids.shape
         x = self.base.embed_tokens(input_ids)  # (B, T, C)
-        positions = torch.arange(T, device=input_ids.device).expand(B, T)
-        cos, sin = self.rope(positions, x.dtype)
-        gqa = self.nh != self.nkv
-        for layer in self.base.layers:
-            h = layer.input_layernorm(x)
-            q, k, v = self._attn_qkv(layer.self_attn, h, B, T, cos, sin)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)  # (B, nh, T, hd)
-            x = self._mlp_block(layer, x, y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
+        positions = torch.arange(T, device=input_ids.device)[None]
+        cos, sin = self.rope(positions, x.dtype, signed=True)  # (1, 1, T, hd)
+        cos, sin = cos.transpose(1, 2), sin.transpose(1, 2)  # (1, T, 1, hd): broadcast over heads
+        for layer, fused in self._layers():
+            q, k, v = self._qkv_rope(layer, fused, _rms_norm(layer.input_layernorm, x), cos, sin)  # (B, T, h, hd)
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               is_causal=True, enable_gqa=self.nh != self.nkv)  # (B, nh, T, hd)
+            x = x + layer.self_attn.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
+            x = self._mlp(layer, fused, x)
+        return x
+
+    # ---- packed batch (no padding waste)
+
+    def hidden_packed(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_token: torch.Tensor,
+                      token_slot: torch.Tensor) -> torch.Tensor:
+        """Last-layer hidden states (M, C) of a packed batch, before the final norm.
+
+        input_ids, positions: (M,) each distinct token once (a prompt shared by G rows is stored once).
+        slot_token: (B, T) the token at each slot of each right-padded row (pad slots: any token;
+            causal attention never lets a real slot see a later pad).
+        token_slot: (M,) the slot (row * T + t) whose attention output a token takes.
+        Projections, norms and the MLP (nearly all FLOPs) run over the M tokens; attention
+        gathers q, k, v into rows and scatters its output back.
+        """
+        B, T = slot_token.shape
+        x = self.base.embed_tokens(input_ids)  # (M, C)
+        cos, sin = self.rope(positions, x.dtype, signed=True)  # (M, 1, hd)
+        gather = slot_token.reshape(-1)  # (B*T,)
+        for layer, fused in self._layers():
+            q, k, v = self._qkv_rope(layer, fused, _rms_norm(layer.input_layernorm, x), cos, sin)  # (M, h, hd)
+            q, k, v = (t.index_select(0, gather).view(B, T, -1, self.hd).transpose(1, 2) for t in (q, k, v))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.nh != self.nkv)
+            y = y.transpose(1, 2).reshape(B * T, self.nh * self.hd).index_select(0, token_slot)  # (M, nh*hd)
+            x = x + layer.self_attn.o_proj(y)
+            x = self._mlp(layer, fused, x)
         return x
 
     # ---- incremental decoding with a preallocated cache
@@ -212,7 +337,8 @@ class LeanForward:
         """
         B, T = input_ids.shape
         x = self.base.embed_tokens(input_ids)
-        cos, sin = self.rope(positions, x.dtype)
+        cos, sin = self.rope(positions, x.dtype, signed=True)
+        cos, sin = cos.transpose(1, 2), sin.transpose(1, 2)  # (B, T, 1, hd)
         end = start + T
         # a query attends to real keys at or before its own slot; a pad query attends to itself (no empty rows)
         slots = torch.arange(end, device=input_ids.device)
@@ -220,15 +346,36 @@ class LeanForward:
         own = slots[None, :] == (start + torch.arange(T, device=input_ids.device))[:, None]
         mask = (causal[None] & key_mask[:, None, :]) | own[None]  # (B, T, end)
         mask = mask[:, None]  # (B, 1, T, end)
-        gqa = self.nh != self.nkv
-        for layer, kv in zip(self.base.layers, cache):
-            h = layer.input_layernorm(x)
-            q, k, v = self._attn_qkv(layer.self_attn, h, B, T, cos, sin)
-            kv[0, :, :, start:end] = k
-            kv[1, :, :, start:end] = v
-            y = F.scaled_dot_product_attention(q, kv[0, :, :, :end], kv[1, :, :, :end], attn_mask=mask, enable_gqa=gqa)
-            x = self._mlp_block(layer, x, y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
+        for (layer, fused), kv in zip(self._layers(), cache):
+            q, k, v = self._qkv_rope(layer, fused, _rms_norm(layer.input_layernorm, x), cos, sin)  # (B, T, h, hd)
+            kv[0, :, :, start:end] = k.transpose(1, 2)
+            kv[1, :, :, start:end] = v.transpose(1, 2)
+            y = F.scaled_dot_product_attention(q.transpose(1, 2).to(kv.dtype), kv[0, :, :, :end], kv[1, :, :, :end],
+                                               attn_mask=mask, enable_gqa=self.nh != self.nkv)
+            x = x + layer.self_attn.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
+            x = self._mlp(layer, fused, x)
         return self._logits(x[:, -1])
+
+    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache, slot: int,
+                    key_bias: torch.Tensor | None) -> torch.Tensor:
+        """One new token per row (A,) written at cache slot `slot` -> next-token logits (A, V).
+
+        positions: (A,) rotary positions. key_bias: None when every slot up to `slot` holds a
+        real token, else (A, 1, 1, slot+1) additive mask (0 or -inf) over the cache slots.
+        """
+        A = tokens.shape[0]
+        x = self.base.embed_tokens(tokens)  # (A, C)
+        cos, sin = self.rope(positions, x.dtype, signed=True)  # (A, 1, hd)
+        for (layer, fused), kv in zip(self._layers(), cache):
+            q, k, v = self._qkv_rope(layer, fused, _rms_norm(layer.input_layernorm, x), cos, sin)  # (A, h, hd)
+            kv[0, :, :, slot] = k
+            kv[1, :, :, slot] = v
+            y = F.scaled_dot_product_attention(q.unsqueeze(2).to(kv.dtype), kv[0, :, :, : slot + 1],
+                                               kv[1, :, :, : slot + 1], attn_mask=key_bias,
+                                               enable_gqa=self.nh != self.nkv)  # (A, nh, 1, hd)
+            x = x + layer.self_attn.o_proj(y.reshape(A, self.nh * self.hd))
+            x = self._mlp(layer, fused, x)
+        return self._logits(x)
 
 
 def count_parameters(model) -> int:

@@ -59,9 +59,17 @@ def generate(model, prompts: list[list[int]], group_size: int, max_new_tokens: i
     """Sample `group_size` completions for each prompt (token-id lists)."""
     if lean is None:
         return _generate_hf(model, prompts, group_size, max_new_tokens, temperature, top_p, eos_id, pad_id, generator)
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    B, G = len(prompts), group_size
+    with lean.decoding():  # weights are fixed for the whole rollout: fuse the projections once
+        return _generate_lean(lean, prompts, group_size, max_new_tokens, temperature, top_p, eos_id, pad_id, generator)
+
+
+def _generate_lean(lean: LeanForward, prompts, G, max_new_tokens, temperature, top_p, eos_id, pad_id,
+                   generator) -> Rollout:
+    param = next(lean.model.parameters())
+    device = param.device
+    # the KV cache holds what attention reads: autocast's dtype when it is on (half the memory traffic)
+    dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else param.dtype
+    B = len(prompts)
     P = max(len(p) for p in prompts)
     # ---- prefill the B distinct prompts, left-padded to P
     ids = torch.full((B, P), pad_id, dtype=torch.long, device=device)
@@ -73,24 +81,34 @@ def generate(model, prompts: list[list[int]], group_size: int, max_new_tokens: i
     cache = lean.new_cache(B, P + max_new_tokens, dtype, device)
     logits = lean.step(ids, positions, cache, 0, key_mask)  # (B, V)
     # ---- copy each prompt's state to its G group members
-    logits = logits.repeat_interleave(G, 0)  # (B*G, V)
+    logits = logits.repeat_interleave(G, 0)  # (N, V)
     cache = [kv.repeat_interleave(G, dim=1) for kv in cache]
-    key_mask = key_mask.repeat_interleave(G, 0)
-    next_pos = positions[:, -1:].repeat_interleave(G, 0) + 1  # (B*G, 1)
+    next_pos = positions[:, -1].repeat_interleave(G, 0) + 1  # (N,)
+    # additive mask over cache slots, only needed when prompts differ in length (left padding)
+    key_bias = None
+    if not bool(key_mask.all()):
+        key_bias = torch.zeros(B, 1, 1, P + max_new_tokens, dtype=dtype, device=device)
+        key_bias[:, 0, 0, :P].masked_fill_(~key_mask, float("-inf"))
+        key_bias = key_bias.repeat_interleave(G, 0)  # (N, 1, 1, P + max_new_tokens)
     N = B * G
     out = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=device)
     lengths = torch.zeros(N, dtype=torch.long, device=device)
     finished = torch.zeros(N, dtype=torch.bool, device=device)
     rows = torch.arange(N, device=device)  # batch slot -> output row
     live = torch.ones(N, dtype=torch.bool, device=device)  # slots still decoding
-    n_generated = 0
-    # ---- decode
+    n_live, n_generated = N, 0
+    # ---- decode: one token per live row per step
     for t in range(max_new_tokens):
         tok = _sample(logits, temperature, top_p, generator)  # (A,)
-        out[rows[live], t] = tok[live]
-        lengths[rows[live]] += 1
-        n_generated += int(live.sum())
-        stopped = live & (tok == eos_id)
+        if n_live == len(rows):  # nobody in the batch has finished: plain writes
+            out[rows, t] = tok
+            lengths[rows] += 1
+            stopped = tok == eos_id
+        else:
+            out[rows[live], t] = tok[live]
+            lengths[rows[live]] += 1
+            stopped = live & (tok == eos_id)
+        n_generated += n_live
         finished[rows[stopped]] = True
         live = live & ~stopped
         n_live = int(live.sum())
@@ -98,11 +116,13 @@ def generate(model, prompts: list[list[int]], group_size: int, max_new_tokens: i
             break
         if len(rows) - n_live >= max(1, int(COMPACT_FRACTION * len(rows))):  # drop finished rows
             keep = live.nonzero().squeeze(-1)
-            cache = [kv[:, keep] for kv in cache]
-            key_mask, next_pos, tok, rows = key_mask[keep], next_pos[keep], tok[keep], rows[keep]
+            cache = [kv.index_select(1, keep) for kv in cache]
+            next_pos, tok, rows = next_pos[keep], tok[keep], rows[keep]
+            key_bias = None if key_bias is None else key_bias[keep]
             live = torch.ones(len(rows), dtype=torch.bool, device=device)
-        key_mask = torch.cat([key_mask, torch.ones(len(rows), 1, dtype=torch.bool, device=device)], dim=1)
-        logits = lean.step(tok[:, None], next_pos, cache, P + t, key_mask)
+        slot = P + t
+        logits = lean.decode_step(tok, next_pos, cache, slot,
+                                  None if key_bias is None else key_bias[..., : slot + 1])
         next_pos = next_pos + 1
     out_list = out.tolist()
     response_ids = [row[:n] for row, n in zip(out_list, lengths.tolist())]
