@@ -125,11 +125,18 @@ def _classify(run_dir: Path, exit_code: int | None, rules) -> tuple[str, int | N
         if bad_keys:
             events.append((step, Outcome.DIVERGED, f"{bad_keys[0]} is {m[bad_keys[0]]} at step {step}"))
             break
+    health_bad, entropy_bad = None, None
     for step, m in records:
         verdict = monitor.observe(step, m)
-        if verdict.overall == "bad":
-            events.append((step, side_outcome(verdict.failing_rule), verdict.reason))
-            break
+        if verdict.overall == "bad" and health_bad is None:
+            health_bad = (step, side_outcome(verdict.failing_rule), verdict.reason)
+        if entropy_bad is None:  # entropy is the lab log's axis: its verdict names the run when it goes bad
+            entropy_bad = next(((step, Outcome.COLLAPSED if rv.direction == "low" else Outcome.TOO_RANDOM, rv.reason)
+                                for rule in monitor.rules if rule.metric == "actor/entropy" and rule.kind != "trend"
+                                for rv in [verdict.per_rule[rule.id]] if rv.effective == "bad"), None)
+    if health_bad is not None:
+        # a run that went bad on KL first and later lost its entropy band too is named by its entropy
+        events.append(entropy_bad if entropy_bad is not None and health_bad[1] is Outcome.DIVERGED else health_bad)
     if exit_code == EXIT_NONFINITE_STOP:
         events.append((last or 0, Outcome.DIVERGED, text("STOPPED")))
     if (run_dir / PRUNED_FILE).is_file():  # a bad health verdict at the pruning step names it instead
