@@ -4,6 +4,7 @@
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -269,9 +270,10 @@ def test_optuna_search_prunes_by_health_and_by_median_then_resumes(tmp_path):
     assert bad["note"].startswith("actor/entropy_coeff 0.1 > 0.05 for 1 step")
     # 0.04 at step 2 trails the completed trial's 0.0: SIGTERM long before its 6th step
     assert (pruned["outcome"], pruned["exit_code"]) == ("Pruned", str(-signal.SIGTERM))
-    assert pruned["steps"] == pruned["bad_step"]
-    assert pruned["note"] == "pruned by the median pruner at step 2: actor/entropy_coeff 0.04 trails the other trials"
-    assert int(pruned["steps"]) < 6
+    # the sweep polls the run's metrics, so under load it may first see step 3 or later (never before warm-up)
+    m = re.fullmatch(r"pruned by the median pruner at step (\d+): actor/entropy_coeff 0.04 trails the other trials",
+                     pruned["note"])
+    assert m and 2 <= int(m.group(1)) == int(pruned["bad_step"]) <= int(pruned["steps"]) < 6, pruned
 
     import optuna
 

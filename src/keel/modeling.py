@@ -121,13 +121,25 @@ def load_model_and_tokenizer(path: str, tokenizer_path: str | None = None, dtype
 
 @dataclass
 class _FusedLayer:
-    """One decoder layer's projections concatenated: q|k|v in one matmul, gate|up in another."""
+    """One decoder layer's weights for decoding: transposed, contiguous (x @ W runs ~20% faster than
+    F.linear's x @ W^T at decode shapes), q|k|v and gate|up concatenated (fewer, larger matmuls), and the
+    input and post-attention norm weights folded in: W (x_hat * w) = (W diag(w)) x_hat."""
 
-    qkv_weight: torch.Tensor  # ((nh + 2 nkv) hd, C)
+    qkv: torch.Tensor  # (C, (nh + 2 nkv) hd)
     qkv_bias: torch.Tensor | None
-    gate_up_weight: torch.Tensor  # (2 F, C)
+    o: torch.Tensor  # (nh hd, C)
+    o_bias: torch.Tensor | None
+    gate_up: torch.Tensor  # (C, 2 F)
     gate_up_bias: torch.Tensor | None
+    down: torch.Tensor  # (F, C)
+    down_bias: torch.Tensor | None
     qk_norm_weight: torch.Tensor | None  # (nh + nkv, hd): q_norm's weight per query head, then k_norm's
+
+
+def _matmul(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (..., in) @ w_t (in, out) [+ bias]."""
+    y = x @ w_t
+    return y if bias is None else y + bias
 
 
 def _cat_or_none(tensors):
@@ -169,6 +181,7 @@ class LeanForward:
         self.qk_norm = hasattr(self.base.layers[0].self_attn, "q_norm")  # Qwen3: RMSNorm over each head
         self._rope_cache: tuple[int, torch.Tensor, torch.Tensor] | None = None
         self._frozen: list[_FusedLayer] | None = None  # fused weights while decoding (weights fixed)
+        self._frozen_head: tuple | None = None
 
     @staticmethod
     def supports(model) -> bool:
@@ -202,17 +215,20 @@ class LeanForward:
 
     # ---- one layer's pieces; decoding uses a fused snapshot of the weights (fewer, larger matmuls)
 
-    def _fuse(self, layer, dtype: torch.dtype | None = None) -> _FusedLayer:
+    def _fuse(self, layer, dtype: torch.dtype | None) -> _FusedLayer:
         attn, mlp = layer.self_attn, layer.mlp
         qk_w = None
         if self.qk_norm:
             qk_w = torch.cat([attn.q_norm.weight.expand(self.nh, self.hd), attn.k_norm.weight.expand(self.nkv, self.hd)])
-        cast = (lambda t: t) if dtype is None else (lambda t: None if t is None else t.to(dtype))
+        cast = lambda t: None if t is None else t.to(dtype or t.dtype).contiguous()  # noqa: E731
+        in_w, post_w = layer.input_layernorm.weight[:, None], layer.post_attention_layernorm.weight[:, None]
         return _FusedLayer(
-            cast(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])),
+            cast(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).t() * in_w),
             cast(_cat_or_none([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])),
-            cast(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
+            cast(attn.o_proj.weight.t()), cast(attn.o_proj.bias),
+            cast(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).t() * post_w),
             cast(_cat_or_none([mlp.gate_proj.bias, mlp.up_proj.bias])),
+            cast(mlp.down_proj.weight.t()), cast(mlp.down_proj.bias),
             qk_w,
         )
 
@@ -226,10 +242,13 @@ class LeanForward:
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         with torch.no_grad():
             self._frozen = [self._fuse(layer, dtype) for layer in self.base.layers]
+            head = self.model.lm_head
+            self._frozen_head = ((head.weight.t() * self.base.norm.weight[:, None]).to(dtype or head.weight.dtype)
+                                 .contiguous(), head.bias)  # (C, V)
         try:
             yield self
         finally:
-            self._frozen = None
+            self._frozen = self._frozen_head = None
 
     def _layers(self) -> list[tuple]:
         """(layer, fused snapshot or None) per decoder layer."""
@@ -249,7 +268,7 @@ class LeanForward:
             if self.qk_norm:
                 q, k = _rms_norm(attn.q_norm, q), _rms_norm(attn.k_norm, k)
             return self._rotate(q, cos, sin), self._rotate(k, cos, sin), v
-        qkv = F.linear(h, fused.qkv_weight, fused.qkv_bias).unflatten(-1, (nh + 2 * nkv, hd))
+        qkv = _matmul(h, fused.qkv, fused.qkv_bias).unflatten(-1, (nh + 2 * nkv, hd))
         qk, v = qkv[..., : nh + nkv, :], qkv[..., nh + nkv :, :]
         if fused.qk_norm_weight is not None:  # q_norm and k_norm share eps: one normalisation, per-head weights
             eps = attn.q_norm.variance_epsilon
@@ -261,15 +280,25 @@ class LeanForward:
         qk = self._rotate(qk, cos, sin)
         return qk[..., :nh, :], qk[..., nh:, :], v
 
+    def _norm(self, norm, fused: _FusedLayer | None, x):
+        """RMSNorm; with a fused snapshot its weight is already folded into the next matmul."""
+        return _rms_norm(norm, x) if fused is None else F.rms_norm(x, (x.shape[-1],), eps=norm.variance_epsilon)
+
+    def _attn_out(self, layer, fused: _FusedLayer | None, x, y):
+        """x + o_proj(attention output y (..., nh*hd))."""
+        return x + (layer.self_attn.o_proj(y) if fused is None else _matmul(y, fused.o, fused.o_bias))
+
     def _mlp(self, layer, fused: _FusedLayer | None, x):
         """x + MLP(post_attention_layernorm(x))."""
-        h = _rms_norm(layer.post_attention_layernorm, x)
+        h = self._norm(layer.post_attention_layernorm, fused, x)
         if fused is None:
             return x + layer.mlp(h)
-        gate, up = F.linear(h, fused.gate_up_weight, fused.gate_up_bias).chunk(2, dim=-1)
-        return x + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+        gate, up = _matmul(h, fused.gate_up, fused.gate_up_bias).chunk(2, dim=-1)
+        return x + _matmul(layer.mlp.act_fn(gate) * up, fused.down, fused.down_bias)
 
     def _logits(self, x):
+        if self._frozen_head is not None:
+            return _matmul(F.rms_norm(x, (x.shape[-1],), eps=self.base.norm.variance_epsilon), *self._frozen_head)
         return self.model.lm_head(_rms_norm(self.base.norm, x))
 
     # ---- padded rows
@@ -290,10 +319,10 @@ class LeanForward:
         cos, sin = self.rope(positions, x.dtype, signed=True)  # (1, 1, T, hd)
         cos, sin = cos.transpose(1, 2), sin.transpose(1, 2)  # (1, T, 1, hd): broadcast over heads
         for layer, fused in self._layers():
-            q, k, v = self._qkv_rope(layer, fused, _rms_norm(layer.input_layernorm, x), cos, sin)  # (B, T, h, hd)
+            q, k, v = self._qkv_rope(layer, fused, self._norm(layer.input_layernorm, fused, x), cos, sin)  # (B, T, h, hd)
             y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                is_causal=True, enable_gqa=self.nh != self.nkv)  # (B, nh, T, hd)
-            x = x + layer.self_attn.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
+            x = self._attn_out(layer, fused, x, y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
             x = self._mlp(layer, fused, x)
         return x
 
@@ -315,11 +344,11 @@ class LeanForward:
         cos, sin = self.rope(positions, x.dtype, signed=True)  # (M, 1, hd)
         gather = slot_token.reshape(-1)  # (B*T,)
         for layer, fused in self._layers():
-            q, k, v = self._qkv_rope(layer, fused, _rms_norm(layer.input_layernorm, x), cos, sin)  # (M, h, hd)
+            q, k, v = self._qkv_rope(layer, fused, self._norm(layer.input_layernorm, fused, x), cos, sin)  # (M, h, hd)
             q, k, v = (t.index_select(0, gather).view(B, T, -1, self.hd).transpose(1, 2) for t in (q, k, v))
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.nh != self.nkv)
             y = y.transpose(1, 2).reshape(B * T, self.nh * self.hd).index_select(0, token_slot)  # (M, nh*hd)
-            x = x + layer.self_attn.o_proj(y)
+            x = self._attn_out(layer, fused, x, y)
             x = self._mlp(layer, fused, x)
         return x
 
@@ -347,12 +376,12 @@ class LeanForward:
         mask = (causal[None] & key_mask[:, None, :]) | own[None]  # (B, T, end)
         mask = mask[:, None]  # (B, 1, T, end)
         for (layer, fused), kv in zip(self._layers(), cache):
-            q, k, v = self._qkv_rope(layer, fused, _rms_norm(layer.input_layernorm, x), cos, sin)  # (B, T, h, hd)
+            q, k, v = self._qkv_rope(layer, fused, self._norm(layer.input_layernorm, fused, x), cos, sin)  # (B, T, h, hd)
             kv[0, :, :, start:end] = k.transpose(1, 2)
             kv[1, :, :, start:end] = v.transpose(1, 2)
             y = F.scaled_dot_product_attention(q.transpose(1, 2).to(kv.dtype), kv[0, :, :, :end], kv[1, :, :, :end],
                                                attn_mask=mask, enable_gqa=self.nh != self.nkv)
-            x = x + layer.self_attn.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
+            x = self._attn_out(layer, fused, x, y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
             x = self._mlp(layer, fused, x)
         return self._logits(x[:, -1])
 
@@ -367,13 +396,13 @@ class LeanForward:
         x = self.base.embed_tokens(tokens)  # (A, C)
         cos, sin = self.rope(positions, x.dtype, signed=True)  # (A, 1, hd)
         for (layer, fused), kv in zip(self._layers(), cache):
-            q, k, v = self._qkv_rope(layer, fused, _rms_norm(layer.input_layernorm, x), cos, sin)  # (A, h, hd)
+            q, k, v = self._qkv_rope(layer, fused, self._norm(layer.input_layernorm, fused, x), cos, sin)  # (A, h, hd)
             kv[0, :, :, slot] = k
             kv[1, :, :, slot] = v
             y = F.scaled_dot_product_attention(q.unsqueeze(2).to(kv.dtype), kv[0, :, :, : slot + 1],
                                                kv[1, :, :, : slot + 1], attn_mask=key_bias,
                                                enable_gqa=self.nh != self.nkv)  # (A, nh, 1, hd)
-            x = x + layer.self_attn.o_proj(y.reshape(A, self.nh * self.hd))
+            x = self._attn_out(layer, fused, x, y.reshape(A, self.nh * self.hd))
             x = self._mlp(layer, fused, x)
         return self._logits(x)
 
