@@ -1,6 +1,6 @@
 """Keel vs TRL: GRPO steps per second on the same tiny Qwen3, measured side by side.
 
-    make bench                                   # ~12 min: 1m + 20m; fp32 at 1 and 2 threads, bf16 at 1
+    make bench                                   # ~10-15 min: 1m + 20m, fp32 and bf16 at 1 thread, 20m fp32 at 2
     python benchmarks/vs_trl.py --quick          # ~4 min: fp32, 1 thread, fewer steps
     python benchmarks/vs_trl.py --configs 20m:bfloat16:1 --steps 4
 
@@ -23,9 +23,10 @@ How it is measured:
     /proc/stat minus this run's own CPU time), in cores; runs above ``--noise`` are flagged
     and their round is repeated (``--retries``); medians use the quiet rounds when any exist;
   * MFU = model FLOPs per step / step time / the matmul FLOP/s measured in the same run for
-    that dtype and thread count. Model FLOPs count every sequence's real tokens (prompt +
-    completion, no padding): 1 forward for the rollout, 1 for the reference, 3 for the policy
-    update (forward + backward), with causal attention and the LM head at completion positions.
+    that dtype and thread count (the best of the measurements taken before each configuration).
+    Model FLOPs count every sequence's real tokens (prompt + completion, no padding): 1 forward
+    for the rollout, 1 for the reference, 3 for the policy update (forward + backward), with
+    causal attention and the LM head at completion positions.
 
 Writes benchmarks/results.json (keyed by model size) and prints a markdown table.
 TRL is an optional benchmark dependency (``make bench`` installs it), never a runtime one.
@@ -52,7 +53,7 @@ SIZES = {  # Qwen3 arch, char-level vocab; ~0.86M and ~20.5M parameters
     "20m": dict(hidden=512, layers=6, heads=8, mlp=1536),
 }
 B, G, MAX_NEW, BETA, LR, SEED = 8, 8, 32, 0.04, 1e-5, 0
-DEFAULT_CONFIGS = "1m:float32:1,20m:float32:1,1m:bfloat16:1,20m:bfloat16:1,1m:float32:2,20m:float32:2"
+DEFAULT_CONFIGS = "1m:float32:1,20m:float32:1,1m:bfloat16:1,20m:bfloat16:1,20m:float32:2"
 
 
 def digit_share(prompts, completions, **kwargs):
@@ -349,9 +350,10 @@ def median(xs) -> float:
 
 
 def compare(size: str, dtype: str, threads: int, model_dir: Path, a) -> dict:
-    """Alternate TRL and Keel runs; repeat a round whose runs were noisy (up to a.retries times)."""
+    """Alternate TRL and Keel runs; repeat a noisy round (up to a.retries times, within the time budget)."""
     rounds, retries = [], a.retries
-    while len(rounds) < a.rounds or (retries > 0 and not any(r["quiet"] for r in rounds[-1:])):
+    while len(rounds) < a.rounds or (retries > 0 and not rounds[-1]["quiet"]
+                                     and time.time() - a.started < 60 * a.budget_min):
         if len(rounds) >= a.rounds:
             retries -= 1
         pair = {}
@@ -365,7 +367,7 @@ def compare(size: str, dtype: str, threads: int, model_dir: Path, a) -> dict:
     out = {"dtype": dtype, "threads": threads, "noisy": not any(r["quiet"] for r in rounds),
            "rounds": [{k: {"s_per_step": median(r[k]["step_s"]), "other_cores": round(r[k]["other_cores"], 3)}
                        for k in ("trl", "keel")} | {"quiet": r["quiet"]} for r in rounds]}
-    peak = a.peaks[(dtype, threads)]
+    peak = max(a.peaks[(dtype, threads)])
     for k in ("trl", "keel"):
         steps = [s for r in used for s in r[k]["step_s"]]
         lengths = [x for r in used for x in r[k]["completion_len"]]
@@ -378,8 +380,11 @@ def compare(size: str, dtype: str, threads: int, model_dir: Path, a) -> dict:
             f"{k}_gen_tokens_per_s": B * G * L / phases["gen"],
             f"{k}_train_tokens_per_s": B * G * (a.prompt_len + L) / s,
             f"{k}_peak_rss_mb": max(r[k]["peak_rss_mb"] for r in used), f"{k}_phases_s": phases,
+            f"{k}_completion_len_all": [round(x, 2) for x in lengths],
         })
     out["speedup"] = out["trl_s_per_step"] / out["keel_s_per_step"]
+    # the same ratio per token processed, in case sampling left the two at different completion lengths
+    out["speedup_per_token"] = out["keel_train_tokens_per_s"] / out["trl_train_tokens_per_s"]
     out["peak_matmul_gflops"] = peak / 1e9
     return out
 
@@ -387,11 +392,12 @@ def compare(size: str, dtype: str, threads: int, model_dir: Path, a) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma list of size:dtype:threads")
-    p.add_argument("--steps", type=int, default=6, help="timed steps per run")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of each run")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per run")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps at the start of each run (>= 1)")
     p.add_argument("--rounds", type=int, default=2, help="TRL/Keel pairs per config")
     p.add_argument("--retries", type=int, default=1, help="extra rounds while the last round was noisy")
     p.add_argument("--noise", type=float, default=0.25, help="other processes' CPU (cores) above which a run is noisy")
+    p.add_argument("--budget-min", type=float, default=14, help="no retry rounds once the run has taken this long")
     p.add_argument("--sampler-reps", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="fp32, 1 thread, 3 timed steps, one round")
     p.add_argument("--out", default=str(HERE.parent / "results.json"))
@@ -408,7 +414,7 @@ def main() -> None:
             "1m:float32:1,20m:float32:1", 3, 1, 1, 0, 1
     a.warmup = max(1, a.warmup)  # a step's time is measured from the end of the step before
     configs = [(s, d, int(t)) for s, d, t in (c.split(":") for c in a.configs.split(","))]
-    started = time.time()
+    started = a.started = time.time()
     root = Path(tempfile.mkdtemp(prefix="keel-vs-trl-"))
     from transformers import AutoTokenizer
 
@@ -419,21 +425,23 @@ def main() -> None:
     a.vocab = len(tok)
     a.prompt_len = statistics.fmean(len(tok(p, add_special_tokens=False)["input_ids"]) for p in _prompts())
     a.peaks = {}
-    for dtype, threads in dict.fromkeys((d, t) for _, d, t in configs):
-        print(f"matmul peak {dtype} {threads}t", flush=True)
-        a.peaks[(dtype, threads)] = spawn("peak", configs[0][0], dtype, threads, dirs[configs[0][0]], 1, 0)["matmul_flops"]
-
     results: dict = {}
     for size, dtype, threads in configs:
+        peak = spawn("peak", size, dtype, threads, dirs[size], 1, 0)["matmul_flops"]  # the machine, right now
+        a.peaks.setdefault((dtype, threads), []).append(peak)
         res = compare(size, dtype, threads, dirs[size], a)
-        res["parameters"] = params[size]
-        entry = results.setdefault(size, {"parameters": params[size], "variants": {}})
-        entry["variants"][f"{dtype}/{threads}t"] = res
-        if dtype == "float32" and threads == 1:  # the primary figures sit at the top of each size
-            entry.update({k: v for k, v in res.items() if k not in ("rounds",)})
+        results.setdefault(size, {"parameters": params[size], "variants": {}})["variants"][f"{dtype}/{threads}t"] = res
         print(f"  -> {size} {dtype} {threads}t: TRL {res['trl_s_per_step']:.3f} s/step, Keel "
               f"{res['keel_s_per_step']:.3f} s/step, x{res['speedup']:.2f}, Keel MFU {res['keel_mfu']:.0%}"
               + ("  (NOISY)" if res["noisy"] else ""), flush=True)
+    for entry in results.values():  # MFU against the best matmul rate measured for that dtype/threads
+        for res in entry["variants"].values():
+            peak = max(a.peaks[(res["dtype"], res["threads"])])
+            res["peak_matmul_gflops"] = peak / 1e9
+            for k in ("trl", "keel"):
+                res[f"{k}_mfu"] = res[f"{k}_model_gflop_per_step"] * 1e9 / res[f"{k}_s_per_step"] / peak
+            if res["dtype"] == "float32" and res["threads"] == 1:  # the primary figures sit at the top
+                entry.update({k: v for k, v in res.items() if k != "rounds"})
     for size in results:
         if a.sampler_reps > 0:
             print(f"sampler {size}", flush=True)
@@ -457,10 +465,11 @@ def main() -> None:
         "settings": {"prompts": B, "group": G, "max_new_tokens": MAX_NEW, "beta": BETA, "kl": "k3", "lr": LR,
                      "steps": a.steps, "warmup": a.warmup, "rounds": a.rounds, "noise_cores": a.noise,
                      "prompt_len": a.prompt_len, "vocab": a.vocab},
-        "peak_matmul_gflops": {f"{d}/{t}t": v / 1e9 for (d, t), v in a.peaks.items()},
+        "peak_matmul_gflops": {f"{d}/{t}t": max(v) / 1e9 for (d, t), v in a.peaks.items()},
     }
     Path(a.out).write_text(json.dumps(results, indent=1) + "\n")
     print(markdown_table(results))
+    print(phase_table(results))
     print(f"wrote {a.out} ({time.time() - started:.0f} s)")
 
 
@@ -475,23 +484,42 @@ def _cpu_name() -> str:
 
 
 def markdown_table(results: dict) -> str:
-    lines = ["| model | dtype | threads | TRL s/step | Keel s/step | speedup | Keel MFU | TRL MFU | "
+    lines = ["| model | dtype | threads | TRL s/step | Keel s/step | speedup | per token | Keel MFU | TRL MFU | "
              "gen tok/s TRL / Keel | train tok/s TRL / Keel | completion len TRL / Keel | peak RSS MB TRL / Keel "
              "| other load (cores) |",
-             "|" + "---|" * 13]
+             "|" + "---|" * 14]
     for size, entry in results.items():
         if size == "meta":
             continue
         for r in entry["variants"].values():
-            load = max(x[k]["other_cores"] for x in r["rounds"] if x["quiet"] or r["noisy"] for k in ("trl", "keel"))
+            used = [x for x in r["rounds"] if x["quiet"] or r["noisy"]]
+            load = max(x[k]["other_cores"] for x in used for k in ("trl", "keel"))
             lines.append(
                 f"| {size} ({entry['parameters'] / 1e6:.2f}M) | {r['dtype']} | {r['threads']} | "
                 f"{r['trl_s_per_step']:.3f} | {r['keel_s_per_step']:.3f} | **{r['speedup']:.2f}x** | "
-                f"{r['keel_mfu']:.0%} | {r['trl_mfu']:.0%} | {r['trl_gen_tokens_per_s']:.0f} / "
-                f"{r['keel_gen_tokens_per_s']:.0f} | {r['trl_train_tokens_per_s']:.0f} / {r['keel_train_tokens_per_s']:.0f}"
+                f"{r['speedup_per_token']:.2f}x | {r['keel_mfu']:.0%} | {r['trl_mfu']:.0%} | "
+                f"{r['trl_gen_tokens_per_s']:.0f} / {r['keel_gen_tokens_per_s']:.0f} | "
+                f"{r['trl_train_tokens_per_s']:.0f} / {r['keel_train_tokens_per_s']:.0f}"
                 f" | {r['trl_mean_completion_len']:.1f} / {r['keel_mean_completion_len']:.1f} | "
                 f"{r['trl_peak_rss_mb']:.0f} / {r['keel_peak_rss_mb']:.0f} | {load:.2f}"
                 + (" (noisy)" if r["noisy"] else "") + " |")
+    return "\n".join(lines)
+
+
+def phase_table(results: dict) -> str:
+    """Median seconds per phase (TRL / Keel): where each trainer spends a step."""
+    lines = ["| model | dtype | threads | generate | reward | reference log-probs | update (+ rest for TRL) | step |",
+             "|" + "---|" * 8]
+    for size, entry in results.items():
+        if size == "meta":
+            continue
+        for r in entry["variants"].values():
+            t, k = r["trl_phases_s"], r["keel_phases_s"]
+            keel_rest = k["update"] + k.get("old_log_prob", 0.0) + k.get("other", 0.0)
+            lines.append(f"| {size} | {r['dtype']} | {r['threads']} | {t['gen']:.3f} / {k['gen']:.3f} | "
+                         f"{t['reward']:.3f} / {k['reward']:.3f} | {t['ref']:.3f} / {k['ref']:.3f} | "
+                         f"{t['update']:.3f} / {keel_rest:.3f} | "
+                         f"{r['trl_s_per_step']:.3f} / {r['keel_s_per_step']:.3f} |")
     return "\n".join(lines)
 
 
