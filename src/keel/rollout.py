@@ -42,21 +42,14 @@ class Rollout:
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
-    """logits (A, V) -> token ids (A,).
-
-    Inverse-CDF draw: token = first v with cdf_v > u * cdf_V, u ~ U[0, 1) (one uniform per row; about
-    10x cheaper than torch.multinomial at these sizes). The cdf only rises at tokens with p > 0, so a
-    zero-probability token is never drawn.
-    """
-    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (A, V)
+    """logits (A, V) -> token ids (A,)."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         cumulative = sorted_p.cumsum(-1)
         sorted_p[(cumulative - sorted_p) >= top_p] = 0.0  # keep the smallest prefix reaching top_p
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    cdf = probs.cumsum(-1)  # (A, V)
-    u = torch.rand(cdf.shape[0], 1, generator=generator, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 @torch.no_grad()
