@@ -38,7 +38,7 @@ $(VENV)/.bench: $(VENV)/.installed
 	$(PY) -m pip install -q 'trl==1.16.0' accelerate datasets torch==2.13.0 'transformers>=5.16.1,<5.20'
 	touch $@
 
-# Keel vs TRL side by side (~12 min; BENCH_ARGS=--quick for ~4 min); writes benchmarks/results.json
+# Keel vs TRL side by side (~8-9 min on a quiet machine; BENCH_ARGS=--quick for ~1.5 min); writes benchmarks/results.json
 bench: $(VENV)/.bench
 	$(PY) benchmarks/vs_trl.py $(BENCH_ARGS)
 

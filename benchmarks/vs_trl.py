@@ -1,7 +1,7 @@
 """Keel vs TRL: GRPO steps per second on the same tiny Qwen3, measured side by side.
 
-    make bench                                   # ~10-15 min: 1m + 20m, fp32 and bf16 at 1 thread, 20m fp32 at 2
-    python benchmarks/vs_trl.py --quick          # ~4 min: fp32, 1 thread, fewer steps
+    make bench                                 # ~8-9 min quiet: 1m + 20m, fp32 + bf16 at 1 thread, 20m fp32 at 2
+    python benchmarks/vs_trl.py --quick        # ~1.5 min: fp32, 1 thread, 3 steps, one round
     python benchmarks/vs_trl.py --configs 20m:bfloat16:1 --steps 4
 
 What is compared (identical for both trainers):
@@ -10,13 +10,15 @@ What is compared (identical for both trainers):
   * prompts: the embedded 2-digit addition task ("23+48="); the reward: :func:`digit_share`
     (a TRL-signature function both trainers call);
   * B = 8 prompts x G = 8 completions, at most 32 new tokens, temperature 1, top-p 1, no top-k;
-    k3 KL to the reference with beta 0.04; token-mean loss, clip 0.2, grad clip 1, lr 1e-5
-    constant; one optimizer step per rollout; no gradient checkpointing; same dtype
-    (fp32, or bf16 autocast over fp32 master weights) and the same intra-op thread count.
+    k3 KL to the reference with beta 0.04; token-mean loss, clip 0.2, grad clip 1, lr 1e-6
+    constant (TRL's default: both policies stay near their common start, so completion
+    lengths stay comparable); one optimizer step per rollout; no gradient checkpointing; same
+    dtype (fp32, or bf16 autocast over fp32 master weights) and the same intra-op thread count.
 
 How it is measured:
   * every run is a fresh subprocess (warm-up steps, then timed steps); runs alternate
-    TRL, Keel, TRL, Keel ... so machine drift hits both alike;
+    TRL, Keel, TRL, Keel ... so machine drift hits both alike; round r samples with seed r in
+    both trainers (completion lengths are random: both are reported, and a per-token ratio);
   * a step's time is the wall time between consecutive step ends (TRL: ``on_step_end``;
     Keel: the per-step metrics log), so it includes logging and bookkeeping for both;
   * how busy the machine was: CPU time of all other processes during the run (from
@@ -52,7 +54,7 @@ SIZES = {  # Qwen3 arch, char-level vocab; ~0.86M and ~20.5M parameters
     "1m": dict(hidden=128, layers=4, heads=4, mlp=384),
     "20m": dict(hidden=512, layers=6, heads=8, mlp=1536),
 }
-B, G, MAX_NEW, BETA, LR, SEED = 8, 8, 32, 0.04, 1e-5, 0
+B, G, MAX_NEW, BETA, LR, SEED = 8, 8, 32, 0.04, 1e-6, 0
 DEFAULT_CONFIGS = "1m:float32:1,20m:float32:1,1m:bfloat16:1,20m:bfloat16:1,20m:float32:2"
 
 
@@ -158,7 +160,7 @@ def child_trl(o) -> dict:
         max_completion_length=MAX_NEW, temperature=1.0, top_p=1.0, top_k=0, beta=BETA, epsilon=0.2,
         loss_type="dapo", learning_rate=LR, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0,
         use_cpu=True, bf16=o.dtype == "bfloat16", gradient_checkpointing=False, max_steps=o.warmup + o.steps,
-        logging_steps=1, report_to=[], save_strategy="no", disable_tqdm=True, seed=SEED, dataloader_num_workers=0,
+        logging_steps=1, report_to=[], save_strategy="no", disable_tqdm=True, seed=o.seed, dataloader_num_workers=0,
     )
     trainer = TimedGRPOTrainer(model=model, reward_funcs=digit_share, args=args, train_dataset=dataset,
                                processing_class=tokenizer, callbacks=[Stamps()])
@@ -215,7 +217,7 @@ def keel_overrides(o, run_dir: Path) -> list[str]:
         f"reward.functions=[{{name: '{HERE}:digit_share'}}]",
         f"trainer.total_training_steps={o.warmup + o.steps}", "trainer.val_before_train=false",
         "trainer.logger=[jsonl]", f"trainer.run_dir={run_dir}", f"trainer.num_threads={o.threads}",
-        "trainer.device=cpu", f"trainer.seed={SEED}",
+        "trainer.device=cpu", f"trainer.seed={o.seed}",
     ]
 
 
@@ -305,11 +307,12 @@ def run_child_main(o) -> None:
 
 
 def spawn(kind: str, size: str, dtype: str, threads: int, model_dir: Path, steps: int, warmup: int,
-          ) -> dict:
+          seed: int = SEED) -> dict:
     """Run one child; add how busy the rest of the machine was meanwhile (in cores)."""
     out = Path(tempfile.mkstemp(prefix=f"bench-{kind}-", suffix=".json")[1])
     cmd = [sys.executable, str(HERE), "--child", kind, "--size", size, "--dtype", dtype, "--threads", str(threads),
-           "--model-dir", str(model_dir), "--steps", str(steps), "--warmup", str(warmup), "--out", str(out)]
+           "--model-dir", str(model_dir), "--steps", str(steps), "--warmup", str(warmup), "--seed", str(seed),
+           "--out", str(out)]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
                TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
     log_file = out.with_suffix(".log")
@@ -359,7 +362,8 @@ def compare(size: str, dtype: str, threads: int, model_dir: Path, a) -> dict:
         pair = {}
         for kind in ("trl", "keel"):
             print(f"  {size} {dtype} {threads}t: {kind} (round {len(rounds) + 1})", flush=True)
-            pair[kind] = spawn(kind, size, dtype, threads, model_dir, a.steps, a.warmup)
+            # round r samples with seed r in both trainers: different prompts and draws per round, same for both
+            pair[kind] = spawn(kind, size, dtype, threads, model_dir, a.steps, a.warmup, seed=len(rounds))
         pair["quiet"] = all(pair[k]["other_cores"] <= a.noise for k in ("trl", "keel"))
         rounds.append(pair)
     used = [r for r in rounds if r["quiet"]] or rounds
@@ -394,7 +398,7 @@ def main() -> None:
     p.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma list of size:dtype:threads")
     p.add_argument("--steps", type=int, default=5, help="timed steps per run")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps at the start of each run (>= 1)")
-    p.add_argument("--rounds", type=int, default=2, help="TRL/Keel pairs per config")
+    p.add_argument("--rounds", type=int, default=3, help="TRL/Keel pairs per config (round r samples with seed r)")
     p.add_argument("--retries", type=int, default=1, help="extra rounds while the last round was noisy")
     p.add_argument("--noise", type=float, default=0.25, help="other processes' CPU (cores) above which a run is noisy")
     p.add_argument("--budget-min", type=float, default=14, help="no retry rounds once the run has taken this long")
@@ -404,7 +408,7 @@ def main() -> None:
     # child mode (internal)
     p.add_argument("--child", choices=sorted(CHILDREN))
     p.add_argument("--size"), p.add_argument("--dtype"), p.add_argument("--threads", type=int)
-    p.add_argument("--model-dir")
+    p.add_argument("--model-dir"), p.add_argument("--seed", type=int, default=SEED)
     a = p.parse_args()
     if a.child:
         run_child_main(a)

@@ -48,13 +48,18 @@ class FlatLayout:
 
 
 def flat_layout(packed: Packed) -> FlatLayout:
-    """Distinct-token layout of a packed batch; identical prompts (a GRPO group) are stored once."""
+    """Distinct-token layout of a packed batch; identical prompts (a GRPO group) are stored once.
+
+    A response's last token is an input to nothing (no later token is predicted from it, no later
+    query attends to it), so it is left out of the forward: only its label is kept.
+    """
     if packed._flat is not None:
         return packed._flat
-    ids, device = packed.input_ids, packed.input_ids.device
-    N, T = ids.shape
+    device = packed.input_ids.device
     plen = packed.hidden_index[:, 0] + 1  # (N,) prompt lengths
-    rlen = packed.mask.sum(1).long()  # (N,) response lengths
+    rlen = (packed.mask.sum(1).long() - 1).clamp(min=0)  # (N,) response tokens that are inputs
+    ids = packed.input_ids[:, : int((plen + rlen).max())]  # no slot of the last column is an input
+    N, T = ids.shape
     # the first row carrying each distinct prompt owns its tokens
     first: dict[tuple, int] = {}
     owner = [first.setdefault(tuple(row[:p]), i) for i, (row, p) in enumerate(zip(ids.tolist(), plen.tolist()))]

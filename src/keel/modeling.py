@@ -147,7 +147,7 @@ def _cat_or_none(tensors):
 
 
 def _rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
-    """HF's RMSNorm (fp32 statistics, times weight) as one fused op where the dtypes allow it."""
+    """HF's RMSNorm (fp32 statistics, times weight) in one call where the dtypes allow it (same numbers)."""
     if x.dtype == norm.weight.dtype == torch.float32:
         return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
     return norm(x)
@@ -219,7 +219,8 @@ class LeanForward:
         attn, mlp = layer.self_attn, layer.mlp
         qk_w = None
         if self.qk_norm:
-            qk_w = torch.cat([attn.q_norm.weight.expand(self.nh, self.hd), attn.k_norm.weight.expand(self.nkv, self.hd)])
+            qk_w = torch.cat([attn.q_norm.weight.expand(self.nh, self.hd),
+                              attn.k_norm.weight.expand(self.nkv, self.hd)])
         cast = lambda t: None if t is None else t.to(dtype or t.dtype).contiguous()  # noqa: E731
         in_w, post_w = layer.input_layernorm.weight[:, None], layer.post_attention_layernorm.weight[:, None]
         return _FusedLayer(
@@ -253,6 +254,10 @@ class LeanForward:
     def _layers(self) -> list[tuple]:
         """(layer, fused snapshot or None) per decoder layer."""
         return list(zip(self.base.layers, self._frozen or [None] * self.n_layers))
+
+    def _attn_in(self, layer, fused: _FusedLayer | None, x, cos, sin):
+        """Residual stream x (..., C) -> q, k, v of the layer's attention (input_layernorm first)."""
+        return self._qkv_rope(layer, fused, self._norm(layer.input_layernorm, fused, x), cos, sin)
 
     def _qkv_rope(self, layer, fused: _FusedLayer | None, h, cos, sin):
         """h (..., C) -> q (..., nh, hd), k (..., nkv, hd), v (..., nkv, hd); q and k normed and rotated.
@@ -301,6 +306,15 @@ class LeanForward:
             return _matmul(F.rms_norm(x, (x.shape[-1],), eps=self.base.norm.variance_epsilon), *self._frozen_head)
         return self.model.lm_head(_rms_norm(self.base.norm, x))
 
+    def _causal_attention(self, q, k, v):
+        """Causal SDPA over rows (B, h, T, hd). Under autocast it runs in fp32: its FLOPs are few, and
+        PyTorch's bf16 flash-attention backward on CPU is ~6x slower than the fp32 one."""
+        if q.dtype == k.dtype == v.dtype == torch.float32 and not torch.is_autocast_enabled(q.device.type):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.nh != self.nkv)
+        with torch.autocast(q.device.type, enabled=False):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True,
+                                                  enable_gqa=self.nh != self.nkv)
+
     # ---- padded rows
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -319,9 +333,8 @@ class LeanForward:
         cos, sin = self.rope(positions, x.dtype, signed=True)  # (1, 1, T, hd)
         cos, sin = cos.transpose(1, 2), sin.transpose(1, 2)  # (1, T, 1, hd): broadcast over heads
         for layer, fused in self._layers():
-            q, k, v = self._qkv_rope(layer, fused, self._norm(layer.input_layernorm, fused, x), cos, sin)  # (B, T, h, hd)
-            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               is_causal=True, enable_gqa=self.nh != self.nkv)  # (B, nh, T, hd)
+            q, k, v = self._attn_in(layer, fused, x, cos, sin)  # (B, T, h, hd)
+            y = self._causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, nh, T, hd)
             x = self._attn_out(layer, fused, x, y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
             x = self._mlp(layer, fused, x)
         return x
@@ -344,9 +357,9 @@ class LeanForward:
         cos, sin = self.rope(positions, x.dtype, signed=True)  # (M, 1, hd)
         gather = slot_token.reshape(-1)  # (B*T,)
         for layer, fused in self._layers():
-            q, k, v = self._qkv_rope(layer, fused, self._norm(layer.input_layernorm, fused, x), cos, sin)  # (M, h, hd)
+            q, k, v = self._attn_in(layer, fused, x, cos, sin)  # (M, h, hd)
             q, k, v = (t.index_select(0, gather).view(B, T, -1, self.hd).transpose(1, 2) for t in (q, k, v))
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.nh != self.nkv)
+            y = self._causal_attention(q, k, v)  # (B, nh, T, hd)
             y = y.transpose(1, 2).reshape(B * T, self.nh * self.hd).index_select(0, token_slot)  # (M, nh*hd)
             x = self._attn_out(layer, fused, x, y)
             x = self._mlp(layer, fused, x)
@@ -376,7 +389,7 @@ class LeanForward:
         mask = (causal[None] & key_mask[:, None, :]) | own[None]  # (B, T, end)
         mask = mask[:, None]  # (B, 1, T, end)
         for (layer, fused), kv in zip(self._layers(), cache):
-            q, k, v = self._qkv_rope(layer, fused, self._norm(layer.input_layernorm, fused, x), cos, sin)  # (B, T, h, hd)
+            q, k, v = self._attn_in(layer, fused, x, cos, sin)  # (B, T, h, hd)
             kv[0, :, :, start:end] = k.transpose(1, 2)
             kv[1, :, :, start:end] = v.transpose(1, 2)
             y = F.scaled_dot_product_attention(q.transpose(1, 2).to(kv.dtype), kv[0, :, :, :end], kv[1, :, :, :end],
@@ -396,7 +409,7 @@ class LeanForward:
         x = self.base.embed_tokens(tokens)  # (A, C)
         cos, sin = self.rope(positions, x.dtype, signed=True)  # (A, 1, hd)
         for (layer, fused), kv in zip(self._layers(), cache):
-            q, k, v = self._qkv_rope(layer, fused, self._norm(layer.input_layernorm, fused, x), cos, sin)  # (A, h, hd)
+            q, k, v = self._attn_in(layer, fused, x, cos, sin)  # (A, h, hd)
             kv[0, :, :, slot] = k
             kv[1, :, :, slot] = v
             y = F.scaled_dot_product_attention(q.unsqueeze(2).to(kv.dtype), kv[0, :, :, : slot + 1],
