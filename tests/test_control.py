@@ -117,6 +117,26 @@ def test_band_above_high_cuts_bonus_and_tightens_kl_then_relaxes():
     assert c.kl_coef == pytest.approx(0.001, abs=1e-4)  # 0.01395 * 0.9^56 = 4e-5 left
 
 
+def test_band_under_the_reference_penalises_entropy_above_high_when_allowed():
+    # the first entropy 0.2 lies above high = 0.16, so the KL lever is off; with min_entropy_coeff < 0 the
+    # coefficient itself goes negative: e = log(0.126491 / 0.2) = -0.458145 -> c = 0.05 e = -0.022907 (in force:
+    # a penalty), then -0.045815, then clipped at -0.05; k never moves
+    c = band(ec=0.0, kl=0.001, min_entropy_coeff=-0.05)
+    for step, want in [(1, -0.022907), (2, -0.045815), (3, -0.05)]:
+        c.update(step, 0.20)
+        assert c.coefficients() == pytest.approx((want, 0.001), abs=1e-6)
+    # back inside the band the PI walks the penalty back up: H = 0.1 -> m = 0.15, p = log 0.15 + 2 log 0.75,
+    # e = -2.067568 + 2.472469 = 0.404901, de = 0.863046 -> c = -0.05 + 0.020245 + 0.258914 = 0.229159
+    c.update(4, 0.10)
+    assert c.coefficients() == pytest.approx((0.229159, 0.001), abs=1e-6)
+    # the default floor of 0 keeps the old rule: nothing below zero, the bonus simply off
+    plain = band(ec=0.0, kl=0.001)
+    plain.update(1, 0.20)
+    assert plain.coefficients() == (0.0, 0.001) and plain.entropy_coeff == 0.0
+    with pytest.raises(KeelError, match="only the band controller may go below 0"):
+        load_config(None, ["control.type=floor", "control.min_entropy_coeff=-0.01"])
+
+
 def test_band_is_quiet_at_the_centre():
     c = band(ec=0.05)
     for step in range(1, 20):

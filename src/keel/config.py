@@ -214,7 +214,8 @@ class ControlConfig:
     kl_step: float = 0.01
     # band: otherwise kl_coef relaxes toward its base (the configured kl_loss_coef) by this factor per step
     kl_decay: float = 0.9
-    # bounds on the coefficients a controller may set
+    # bounds on the coefficients a controller may set; band: a negative min_entropy_coeff lets entropy_coeff go below
+    # 0 (an entropy penalty) when entropy is above the band and the KL lever points the wrong way (band under H_0)
     min_entropy_coeff: float = 0.0
     max_entropy_coeff: float = 0.3
     min_kl_coef: float = 0.0
@@ -476,6 +477,11 @@ def validate(cfg: KeelConfig) -> None:
     _check(cfg.monitor.action in ("log", "stop", "rollback"), f"config key 'monitor.action' must be log, stop or rollback, got {cfg.monitor.action!r}")
     _check(cfg.control.type in ("fixed", "floor", "band"), f"config key 'control.type' must be fixed, floor or band, got {cfg.control.type!r}")
     _check(cfg.control.low < cfg.control.high, "config keys 'control.low' must be < 'control.high'")
+    _check(cfg.control.min_entropy_coeff <= cfg.control.max_entropy_coeff,
+           "config keys 'control.min_entropy_coeff' must be <= 'control.max_entropy_coeff'")
+    _check(cfg.control.min_entropy_coeff >= 0 or cfg.control.type == "band",
+           f"config key 'control.min_entropy_coeff' is {cfg.control.min_entropy_coeff}; only the band controller "
+           "may go below 0 (an entropy penalty above its band)")
     bad = [x for x in t.logger if x not in ("console", "jsonl", "tensorboard", "wandb", "mlflow")]
     _check(not bad, f"config key 'trainer.logger' has unknown logger(s) {bad}; valid: console, jsonl, tensorboard, wandb, mlflow")
     # names of estimators / losses are checked against their registries where they are looked up

@@ -140,7 +140,10 @@ def _classify(run_dir: Path, exit_code: int | None, rules) -> tuple[str, int | N
     if exit_code == EXIT_NONFINITE_STOP:
         events.append((last or 0, Outcome.DIVERGED, text("STOPPED")))
     if (run_dir / PRUNED_FILE).is_file():  # a bad health verdict at the pruning step names it instead
-        events.append((last or 0, Outcome.PRUNED, text(PRUNED_FILE)))
+        # the step the pruner decided at, not the last logged one: the run may log another step before SIGTERM lands
+        why = text(PRUNED_FILE)
+        at = re.search(r"at step (\d+)", why or "")
+        events.append((int(at.group(1)) if at else (last or 0), Outcome.PRUNED, why))
     if events:
         step, outcome, reason = min(events, key=lambda e: e[0])  # min keeps the first of equal steps
         return outcome.value, step, reason
