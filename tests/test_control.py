@@ -117,24 +117,27 @@ def test_band_above_high_cuts_bonus_and_tightens_kl_then_relaxes():
     assert c.kl_coef == pytest.approx(0.001, abs=1e-4)  # 0.01395 * 0.9^56 = 4e-5 left
 
 
-def test_band_under_the_reference_penalises_entropy_above_high_when_allowed():
-    # the first entropy 0.2 lies above high = 0.16, so the KL lever is off; with min_entropy_coeff < 0 the
-    # coefficient itself goes negative: e = log(0.126491 / 0.2) = -0.458145 -> c = 0.05 e = -0.022907 (in force:
-    # a penalty), then -0.045815, then clipped at -0.05; k never moves
-    c = band(ec=0.0, kl=0.001, min_entropy_coeff=-0.05)
-    for step, want in [(1, -0.022907), (2, -0.045815), (3, -0.05)]:
-        c.update(step, 0.20)
-        assert c.coefficients() == pytest.approx((want, 0.001), abs=1e-6)
-    # back inside the band the PI walks the penalty back up: H = 0.1 -> m = 0.15, p = log 0.15 + 2 log 0.75,
-    # e = -2.067568 + 2.472469 = 0.404901, de = 0.863046 -> c = -0.05 + 0.020245 + 0.258914 = 0.229159
-    c.update(4, 0.10)
-    assert c.coefficients() == pytest.approx((0.229159, 0.001), abs=1e-6)
-    # the default floor of 0 keeps the old rule: nothing below zero, the bonus simply off
-    plain = band(ec=0.0, kl=0.001)
-    plain.update(1, 0.20)
-    assert plain.coefficients() == (0.0, 0.001) and plain.entropy_coeff == 0.0
-    with pytest.raises(KeelError, match="only the band controller may go below 0"):
-        load_config(None, ["control.type=floor", "control.min_entropy_coeff=-0.01"])
+def test_band_dead_zone_leaves_a_policy_inside_alone_and_counts_only_the_distance_past_it():
+    # deadband 0.5 on [0.10, 0.16]: w = 0.5 * log(1.6) / 2 = 0.117501 around log H* = -2.067568
+    c = band(deadband=0.5)
+    for step in (1, 2, 3):  # H = 0.12: raw error log(0.126491 / 0.12) = 0.052680 < w -> e = 0, c stays
+        c.update(step, 0.12)
+        assert c.entropy_coeff == 0.0 and c.prev_error == 0.0
+    low = band(deadband=0.5)
+    low.update(1, 0.10)  # raw error 0.235002 -> e = 0.117501 -> c = 0.05 e = 0.005875 (no dead zone: 0.011750)
+    assert low.entropy_coeff == pytest.approx(0.005875, abs=1e-6)
+    low.update(2, 0.10)
+    assert low.entropy_coeff == pytest.approx(0.011750, abs=1e-6)
+    leak = band(ec=0.04, deadband=0.5, deadband_decay=0.5)
+    leak.update(1, 0.12)  # inside: the bonus halves, no PI move
+    leak.update(2, 0.12)
+    assert leak.entropy_coeff == pytest.approx(0.01)
+    with pytest.raises(KeelError, match="control.deadband_decay"):
+        load_config(None, ["control.deadband_decay=0"])
+    with pytest.raises(KeelError, match="control.deadband"):
+        load_config(None, ["control.deadband=1.0"])
+    with pytest.raises(KeelError, match="control.low' must be > 0"):
+        load_config(None, ["control.low=0", "control.high=0.1"])
 
 
 def test_band_is_quiet_at_the_centre():
@@ -221,3 +224,23 @@ def test_band_below_the_reference_does_not_use_the_kl_anchor():
     inside.update(1, 0.15)
     inside.update(2, 0.20)  # reference inside the band: the anchor tightens when entropy heads above it
     assert inside.kl_coef == pytest.approx(0.011)
+
+
+@pytest.mark.parametrize("gain", [0.2, 0.35, 1.4])
+@pytest.mark.parametrize("start_coeff", [0.0, 0.3])
+def test_shipped_dead_zone_band_holds_the_toy_plant(gain, start_coeff):
+    """demo_band.yaml's controller (dead zone 0.6, decay 0.9) on the same plant, 150 steps: never settles to a
+    set point, but stays inside [0.08, 0.16] and never rests at either edge."""
+    cfg = load_config(CONFIGS / "demo_band.yaml")
+    rng = random.Random(0)
+    c = make_controller(cfg.control, start_coeff, 0.001)
+    log_h, hs = math.log(0.152), []
+    for step in range(1, 151):
+        coeff, _ = c.coefficients()
+        h = math.exp(log_h + rng.gauss(0, 0.04))
+        c.update(step, h)
+        hs.append(h)
+        log_h += gain * (coeff - 0.1)
+    inside = [cfg.control.low <= h <= cfg.control.high for h in hs[10:]]
+    assert sum(inside) / len(inside) >= 0.9, (gain, start_coeff, min(hs), max(hs))
+    assert 0.085 < sum(hs[-50:]) / 50 < 0.14  # the last 50 steps average inside the band, off both edges

@@ -206,6 +206,11 @@ class ControlConfig:
     kp: float = 0.3
     # band: EMA smoothing of entropy (0 = none; higher = smoother but slower)
     ema: float = 0.5
+    # band: share of the band (in log-entropy, around its centre) where the error counts as 0, so a policy well
+    # inside is left alone: 0 = always pull toward the centre, 0.6 = act only in the outer 20 % at each edge
+    deadband: float = 0.0
+    # band: inside that dead zone entropy_coeff decays by this factor per step (1 = keeps the bonus that got it there)
+    deadband_decay: float = 1.0
     # band: steps ahead the smoothed log-slope is extrapolated (reacts to a fast fall before the band is left)
     horizon: float = 2.0
     # band: while predicted entropy is above `high` the bonus is off, entropy_coeff halves each step, and (when the
@@ -214,8 +219,7 @@ class ControlConfig:
     kl_step: float = 0.01
     # band: otherwise kl_coef relaxes toward its base (the configured kl_loss_coef) by this factor per step
     kl_decay: float = 0.9
-    # bounds on the coefficients a controller may set; band: a negative min_entropy_coeff lets entropy_coeff go below
-    # 0 (an entropy penalty) when entropy is above the band and the KL lever points the wrong way (band under H_0)
+    # bounds on the coefficients a controller may set
     min_entropy_coeff: float = 0.0
     max_entropy_coeff: float = 0.3
     min_kl_coef: float = 0.0
@@ -477,11 +481,10 @@ def validate(cfg: KeelConfig) -> None:
     _check(cfg.monitor.action in ("log", "stop", "rollback"), f"config key 'monitor.action' must be log, stop or rollback, got {cfg.monitor.action!r}")
     _check(cfg.control.type in ("fixed", "floor", "band"), f"config key 'control.type' must be fixed, floor or band, got {cfg.control.type!r}")
     _check(cfg.control.low < cfg.control.high, "config keys 'control.low' must be < 'control.high'")
-    _check(cfg.control.min_entropy_coeff <= cfg.control.max_entropy_coeff,
-           "config keys 'control.min_entropy_coeff' must be <= 'control.max_entropy_coeff'")
-    _check(cfg.control.min_entropy_coeff >= 0 or cfg.control.type == "band",
-           f"config key 'control.min_entropy_coeff' is {cfg.control.min_entropy_coeff}; only the band controller "
-           "may go below 0 (an entropy penalty above its band)")
+    _check(cfg.control.low > 0, f"config key 'control.low' must be > 0 (entropy in nats), got {cfg.control.low}")
+    _check(0 < cfg.control.deadband_decay <= 1,
+           f"config key 'control.deadband_decay' must be in (0, 1], got {cfg.control.deadband_decay}")
+    _check(0 <= cfg.control.deadband < 1, f"config key 'control.deadband' must be in [0, 1), got {cfg.control.deadband}")
     bad = [x for x in t.logger if x not in ("console", "jsonl", "tensorboard", "wandb", "mlflow")]
     _check(not bad, f"config key 'trainer.logger' has unknown logger(s) {bad}; valid: console, jsonl, tensorboard, wandb, mlflow")
     # names of estimators / losses are checked against their registries where they are looked up

@@ -17,21 +17,21 @@ itself. A controller closes the loop on the measured entropy instead.
       m_t   = ema * m_{t-1} + (1 - ema) * H_t                  (smoothed entropy, m_0 = H_0)
       s_t   = log m_t - log m_{t-1}                            (log-slope per step)
       p_t   = log m_t + horizon * s_t                          (log-entropy predicted `horizon` steps ahead)
-      e_t   = log H* - p_t,     H* = sqrt(low * high)          (error to the band's geometric centre)
+      e_t   = dz(log H* - p_t), H* = sqrt(low * high)          (error to the band's geometric centre,
+      dz(x) = sign(x) * max(0, |x| - w),  w = deadband * (log high - log low) / 2     less a dead zone)
+      c_{t-1} <- deadband_decay * c_{t-1}                     first, while p_t is inside the dead zone
       c_t   = clip(c_{t-1} + ki * e_t + kp * (e_t - e_{t-1}), c_min, c_max)        (velocity-form PI)
-      c_t   = c_t / 2                                       also, if p_t > log high and c_t > 0
+      c_t   = c_t / 2                                                   also, if p_t > log high
       k_t   = clip(max(k_{t-1} * (1 + kl_gain), k_base + kl_step), k_min, k_max)   if p_t > log high and H_0 <= high
             = k_base + (k_{t-1} - k_base) * kl_decay                               otherwise
-      bonus_t = c_t * H   if p_t <= log high   else min(c_t, 0) * H
+      bonus_t = c_t * H   if p_t <= log high   else 0
 
   e > 0 means entropy is low or falling toward ``low``: the bonus grows; e < 0 shrinks it.
   A predicted crossing of ``high`` switches the bonus off at once, halves c_t each step it lasts
   (so a large start, e.g. 0.3, comes back small instead of re-inflating entropy at the top edge)
   and tightens the KL anchor (the reference policy's entropy is the warm start's, so the anchor
   pulls an over-random policy back down). H_0, the first step's entropy, stands for the
-  reference's: when the band lies below it the anchor would pull entropy *up*, so it is not used;
-  the lever from above is then the entropy coefficient itself going below zero (an entropy
-  penalty, allowed down to ``min_entropy_coeff`` when that is negative; the default 0 forbids it).
+  reference's: when the band lies below it the anchor would pull entropy *up*, so it is not used.
   Working in log-entropy makes the gains independent of the entropy's scale; the
   velocity form has no integral wind-up at the clip bounds; the EMA keeps single noisy
   steps from moving the coefficients much, and the slope term reacts to a fast fall
@@ -158,8 +158,7 @@ class BandController(Controller):
         self.first_entropy: float | None = None  # H_0 ~ the reference policy's entropy
 
     def coefficients(self):
-        # above the band a bonus is off; a penalty (c < 0, allowed when min_entropy_coeff < 0) stays on
-        return (min(0.0, self.entropy_coeff) if self.above else self.entropy_coeff), self.kl_coef
+        return (0.0 if self.above else self.entropy_coeff), self.kl_coef
 
     def update(self, step, entropy):
         c = self.cfg
@@ -174,13 +173,19 @@ class BandController(Controller):
         self.predicted = math.exp(predicted)
         if step < c.warmup_steps:
             return
-        error = 0.5 * (math.log(c.low) + math.log(c.high)) - predicted  # log H* - p_t
+        # e_t = dz(log H* - p_t): zero inside the dead zone around the centre, so a policy that sits well
+        # inside the band is left alone (and keeps whatever bonus stopped it); only the distance past it counts
+        error = 0.5 * (math.log(c.low) + math.log(c.high)) - predicted
+        width = c.deadband * 0.5 * (math.log(c.high) - math.log(c.low))
+        error = math.copysign(max(0.0, abs(error) - width), error)
+        if error == 0.0 and width > 0:  # inside the dead zone a bonus no longer needed is released gradually
+            self.entropy_coeff *= c.deadband_decay
         d_error = 0.0 if self.prev_error is None else error - self.prev_error
         self.entropy_coeff = _clip(self.entropy_coeff + c.ki * error + c.kp * d_error,
                                    c.min_entropy_coeff, c.max_entropy_coeff)
         self.prev_error = error
         self.above = predicted > math.log(c.high)
-        if self.above and self.entropy_coeff > 0:
+        if self.above:
             self.entropy_coeff = max(c.min_entropy_coeff, self.entropy_coeff / 2)
         if self.above and self.first_entropy <= c.high:
             raised = max(self.kl_coef * (1 + c.kl_gain), self.base_kl_coef + c.kl_step)

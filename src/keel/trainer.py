@@ -206,8 +206,9 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
     needs_ref = a.use_kl_loss and (a.kl_loss_coef > 0 or cfg.control.type == "band" or cfg.monitor.action == "rollback")
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if needs_ref else None
     ref_lean = LeanForward(ref_model) if (ref_model is not None and lean is not None) else None
+    # fused: one kernel for all parameters (20.5M: optimizer step 103 -> 26 ms on one CPU thread)
     optimizer = torch.optim.AdamW(model.parameters(), lr=a.optim.lr, weight_decay=a.optim.weight_decay,
-                                  betas=tuple(a.optim.betas))
+                                  betas=tuple(a.optim.betas), fused=True)
     rules = load_rules(cfg.monitor.rules, vocab_size=len(tok), extra=cfg.monitor.extra_rules)
     monitor = Monitor(rules)
     loss_cfg = actor.LossConfig(a.clip_ratio_low if a.clip_ratio_low is not None else a.clip_ratio,
