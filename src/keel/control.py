@@ -174,7 +174,7 @@ class BandController(Controller):
         if step < c.warmup_steps:
             return
         # e_t = dz(log H* - p_t): zero inside the dead zone around the centre, so a policy that sits well
-        # inside the band is left alone (and keeps whatever bonus stopped it); only the distance past it counts
+        # inside the band is left alone; only the distance past the zone's edge counts
         error = 0.5 * (math.log(c.low) + math.log(c.high)) - predicted
         width = c.deadband * 0.5 * (math.log(c.high) - math.log(c.low))
         error = math.copysign(max(0.0, abs(error) - width), error)
