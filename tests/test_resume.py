@@ -88,6 +88,10 @@ def test_kill_anywhere_and_resume_is_bit_identical(tmp_path):
     code, log = run(ref, reward_file, None, "reference")
     assert code == 0, log
     ref_metrics = metric_lines(ref)
+    # the band's smoothed entropy is logged with the step it smooths: m_1 = H_1, m_2 = 0.5 m_1 + 0.5 H_2 (ema 0.5)
+    h1, h2 = ref_metrics[0]["actor/entropy"], ref_metrics[1]["actor/entropy"]
+    assert ref_metrics[0]["control/entropy_smoothed"] == pytest.approx(h1)
+    assert ref_metrics[1]["control/entropy_smoothed"] == pytest.approx(0.5 * h1 + 0.5 * h2)
     assert [m["step"] for m in ref_metrics] == list(range(1, STEPS + 1))
     scores = [m["critic/score/mean"] for m in ref_metrics]
     assert len(set(scores)) == STEPS  # the policy really changes from step to step

@@ -383,6 +383,9 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
             verdict = monitor.observe(step, step_metrics)
             step_metrics.update(monitor.metrics(verdict))
             controller.update(step, step_metrics.get("actor/entropy"))
+            # the smoothing and prediction are of this step's entropy: log them with this step, not the next
+            step_metrics.update({k: v for k, v in controller.metrics().items()
+                                 if k in ("control/entropy_smoothed", "control/entropy_predicted")})
             state["step"] = step
             if t.test_freq > 0 and step % t.test_freq == 0 and step < t.total_training_steps:
                 ev = held_out_accuracy()
