@@ -54,6 +54,7 @@ class Outcome(str, Enum):
 
 RECORD = "sweep_run.json"  # written into a run dir when its process has ended: the run is finished
 PRUNED_FILE = "PRUNED"  # written by the sweep (reason text) before it terminates a pruned trial
+PRUNED_PREFIX = "pruned by the median pruner at step "  # + the step the pruner decided at; parsed back by _classify
 LOG = "train.log"  # the run process's stdout + stderr
 PENDING = "Pending"  # summary outcome of a run that has not finished yet
 LOSS_KEYS = ("actor/pg_loss", "actor/kl_loss", "actor/entropy")  # a non-finite value here = Diverged
@@ -142,7 +143,7 @@ def _classify(run_dir: Path, exit_code: int | None, rules) -> tuple[str, int | N
     if (run_dir / PRUNED_FILE).is_file():  # a bad health verdict at the pruning step names it instead
         # the step the pruner decided at, not the last logged one: the run may log another step before SIGTERM lands
         why = text(PRUNED_FILE)
-        at = re.search(r"at step (\d+)", why or "")
+        at = re.match(re.escape(PRUNED_PREFIX) + r"(\d+)", why or "")
         events.append((int(at.group(1)) if at else (last or 0), Outcome.PRUNED, why))
     if events:
         step, outcome, reason = min(events, key=lambda e: e[0])  # min keeps the first of equal steps
@@ -525,7 +526,7 @@ def _report_intermediate(job: Job, opt: OptunaSpec) -> None:
         job.reported = step
     if new and trial.should_prune() and not (job.run_dir / PRUNED_FILE).exists():
         step, value = new[-1]
-        (job.run_dir / PRUNED_FILE).write_text(f"pruned by the median pruner at step {step}: "
+        (job.run_dir / PRUNED_FILE).write_text(f"{PRUNED_PREFIX}{step}: "
                                                f"{opt.intermediate} {value:.4g} trails the other trials\n")
         _terminate(job, wait=False)
 
