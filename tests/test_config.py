@@ -23,11 +23,24 @@ def test_defaults_and_overrides(tmp_path):
     ("actor_rollout_ref.rollout.n=two", "config key 'actor_rollout_ref.rollout.n' must be an integer, got 'two'"),
     ("trainer.logger=[console,foo]", "unknown logger(s) ['foo']"),
     ("data.train_batch_size=10", "must be a multiple of 'actor_rollout_ref.actor.ppo_mini_batch_size'"),
+    ("actor_rollout_ref.rollout.val_kwargs.n=0", "config key 'actor_rollout_ref.rollout.val_kwargs.n' must be >= 1"),
+    ("actor_rollout_ref.rollout.val_kwargs.temperature=0", "val_kwargs.temperature' must be > 0 (greedy: do_sample=false)"),
+    ("actor_rollout_ref.rollout.val_kwargs.do_sampl=false", "is unknown (did you mean 'do_sample'?)"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(KeelError) as err:
         load_config(None, [override])
     assert message in str(err.value)
+
+
+def test_val_kwargs_follow_verl_and_default_to_the_rollout_sampling():
+    cfg = load_config(None, ["actor_rollout_ref.rollout.temperature=0.7", "actor_rollout_ref.rollout.top_p=0.9"])
+    assert cfg.rollout.val_sampling() == (0.7, 0.9, 1)  # Keel's default: sampled like the rollout
+    cfg = load_config(None, ["actor_rollout_ref.rollout.val_kwargs.do_sample=false",
+                             "actor_rollout_ref.rollout.val_kwargs.temperature=0.5"])
+    assert cfg.rollout.val_sampling() == (0.0, 1.0, 1)  # verl's default: greedy, temperature ignored
+    cfg = load_config(None, ["actor_rollout_ref.rollout.val_kwargs={temperature: 0.6, top_p: 0.95, n: 4}"])
+    assert cfg.rollout.val_sampling() == (0.6, 0.95, 4)
 
 
 def test_malformed_yaml_names_file_and_line(tmp_path):
@@ -43,6 +56,8 @@ def test_malformed_yaml_names_file_and_line(tmp_path):
     (["train", "configs/demo.yaml", "actor_rollout_ref.actor.kl_loss_coef=-1"], "must be >= 0"),
     (["train", "configs/demo.yaml", "actor_rollout_ref.model.path=/nonexistent/model"], "model directory '/nonexistent/model' does not exist"),
     (["train", "no_such_config.yaml"], "config file 'no_such_config.yaml' does not exist"),
+    (["eval", "/nonexistent/model", "--temperature", "-1"], "--temperature must be >= 0 (0 = greedy), got -1.0"),
+    (["eval", "/nonexistent/model", "--k", "0"], "--k must be >= 1, got 0"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(args, expected):
     code, out, err = run_keel(args, timeout=120)

@@ -97,3 +97,22 @@ def test_task_splits_are_disjoint_and_solutions_check_out():
         units, tens = s.split(", ")[:2]
         u, t = int(units.split("=")[1]), int(tens.split("=")[1])
         assert s.endswith(f"answer {t * 10 + u % 10}.")
+
+
+def test_temperature_zero_is_greedy_on_both_samplers(tiny):
+    """T = 0 (verl's val_kwargs.do_sample=false): every token is the model's argmax, whatever the generator,
+    with Keel's sampler and with the transformers fallback; the two agree."""
+    model, tok = tiny
+    lean = LeanForward(model)
+    prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in ("12+34=", "5+6=", "99+1=")]
+    go = lambda seed, lean: rollout.generate(model, prompts, 2, 8, 0.0, 1.0, tok.eos_token_id,  # noqa: E731
+                                             tok.pad_token_id, torch.Generator().manual_seed(seed), lean=lean)
+    a, b, hf = go(0, lean), go(1, lean), go(0, None)
+    assert a.response_ids == b.response_ids == hf.response_ids
+    assert a.response_ids[0] == a.response_ids[1]  # both members of a group get the same answer
+    for prompt, resp in zip(a.prompt_ids, a.response_ids):
+        seq = list(prompt)
+        with torch.no_grad():
+            for token in resp:
+                assert token == int(model(torch.tensor([seq])).logits[0, -1].argmax())
+                seq.append(token)

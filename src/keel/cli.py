@@ -60,7 +60,10 @@ def cmd_demo(args) -> int:
 def _print_eval(ev: dict, run_dir: Path) -> None:
     before, after = ev.get("heldout_accuracy_before"), ev.get("heldout_accuracy_after")
     fmt = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"  # noqa: E731
-    print(f"held-out accuracy (n={ev.get('n_heldout')}, sampled at T={ev.get('temperature')}): "
+    how = "greedy" if ev.get("temperature") == 0 else f"sampled at T={ev.get('temperature')}"
+    k = ev.get("samples_per_problem", 1)
+    how += f", mean of {k} answers per problem" if k > 1 else ""
+    print(f"held-out accuracy (n={ev.get('n_heldout')}, {how}): "
           f"before GRPO {fmt(before)} -> after GRPO {fmt(after)}")
     print(f"run directory: {run_dir}")
 
@@ -71,6 +74,10 @@ def cmd_eval(args) -> int:
     from keel.rewards import build_reward
     from keel.trainer import load_policy, load_prompts, pick_device, set_threads
 
+    if args.temperature is not None and not args.temperature >= 0:
+        raise KeelError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if args.k is not None and args.k < 1:
+        raise KeelError(f"--k must be >= 1, got {args.k}")
     overrides = [f"actor_rollout_ref.model.path={args.model_dir}", *args.overrides]
     if args.data:
         overrides += [f"data.val_files={args.data}", f"data.train_files={args.data}"]
@@ -80,14 +87,17 @@ def cmd_eval(args) -> int:
     set_threads(cfg.trainer.num_threads)
     policy = load_policy(cfg, pick_device(cfg.trainer.device))
     _, _, rows, ids, _ = load_prompts(cfg, policy.tokenizer)
-    temperature = cfg.rollout.temperature if args.temperature is None else args.temperature
-    result = evaluate(policy.model, policy.lean, policy.tokenizer, ids, rows, build_reward(cfg), k=args.k,
+    val_temperature, val_top_p, val_n = cfg.rollout.val_sampling()  # the config's val_kwargs, unless given here
+    temperature = val_temperature if args.temperature is None else args.temperature
+    k = val_n if args.k is None else args.k
+    result = evaluate(policy.model, policy.lean, policy.tokenizer, ids, rows, build_reward(cfg), k=k,
                       max_new_tokens=cfg.data.max_response_length, temperature=temperature,
-                      top_p=cfg.rollout.top_p, seed=args.seed, out_file=args.out)
+                      top_p=val_top_p, seed=args.seed, out_file=args.out)
     if args.run_dir:  # recompute a run's eval.json "after" figure for any model directory
         path = Path(args.run_dir) / "eval.json"
         ev = json.loads(path.read_text()) if path.exists() else {}
-        ev.update({"heldout_accuracy_after": result[f"mean@{args.k}"], "n_heldout": result["n"]})
+        ev.update({"heldout_accuracy_after": result[f"mean@{k}"], "n_heldout": result["n"], "temperature": temperature,
+                   "samples_per_problem": k})
         path.write_text(json.dumps(ev, indent=1))
     print(json.dumps(result))
     return 0
@@ -158,9 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("overrides", nargs="*")
     sp.add_argument("--config", default=None)
     sp.add_argument("--data", default=None, help="JSONL/Parquet file (GSM8K, MATH-500, verl or TRL rows)")
-    sp.add_argument("--k", type=int, default=1)
+    sp.add_argument("--k", type=int, default=None, help="answers per problem (default: rollout.val_kwargs.n, 1)")
     sp.add_argument("--n", type=int, default=None, help="number of problems (default data.val_size)")
-    sp.add_argument("--temperature", type=float, default=None)
+    sp.add_argument("--temperature", type=float, default=None,
+                    help="sampling temperature (default: the config's rollout.val_kwargs; 0 = greedy)")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--out", default=None, help="per-problem results (JSONL)")
     sp.add_argument("--run-dir", default=None, help="update RUN_DIR/eval.json with the result")

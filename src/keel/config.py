@@ -124,6 +124,21 @@ class ActorConfig:
 
 
 @dataclass
+class ValKwargs:
+    """How held-out problems are answered (verl's ``rollout.val_kwargs``). Keel's default samples at the
+    rollout temperature (the demo's figures); ``do_sample: false`` is verl's default, greedy decoding."""
+
+    # false = greedy (argmax) decoding; temperature and top_p are then ignored
+    do_sample: bool = True
+    # sampling temperature for evaluation (default: actor_rollout_ref.rollout.temperature)
+    temperature: float | None = None
+    # nucleus sampling for evaluation (default: actor_rollout_ref.rollout.top_p)
+    top_p: float | None = None
+    # answers per problem; the accuracy is mean@n (their mean correctness)
+    n: int = 1
+
+
+@dataclass
 class RolloutConfig:
     # hf (Keel's KV-cached sampler) | vllm
     name: str = "hf"
@@ -137,6 +152,16 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.5
     # vLLM on CPU: KV-cache bytes (small keeps it laptop-friendly)
     kv_cache_memory_bytes: int = 256 * 1024 * 1024
+    # held-out evaluation: sampled or greedy, answers per problem
+    val_kwargs: ValKwargs = field(default_factory=ValKwargs)
+
+    def val_sampling(self) -> tuple[float, float, int]:
+        """(temperature, top_p, n) of held-out evaluation; temperature 0 = greedy."""
+        v = self.val_kwargs
+        if not v.do_sample:
+            return 0.0, 1.0, v.n
+        return (self.temperature if v.temperature is None else v.temperature,
+                self.top_p if v.top_p is None else v.top_p, v.n)
 
 
 @dataclass
@@ -469,6 +494,13 @@ def validate(cfg: KeelConfig) -> None:
     )
     _check(r.temperature > 0, f"config key 'actor_rollout_ref.rollout.temperature' must be > 0, got {r.temperature}")
     _check(0 < r.top_p <= 1, f"config key 'actor_rollout_ref.rollout.top_p' must be in (0, 1], got {r.top_p}")
+    v = r.val_kwargs
+    _check(v.n >= 1, f"config key 'actor_rollout_ref.rollout.val_kwargs.n' must be >= 1, got {v.n}")
+    _check(v.temperature is None or v.temperature > 0,
+           f"config key 'actor_rollout_ref.rollout.val_kwargs.temperature' must be > 0 (greedy: do_sample=false), "
+           f"got {v.temperature}")
+    _check(v.top_p is None or 0 < v.top_p <= 1,
+           f"config key 'actor_rollout_ref.rollout.val_kwargs.top_p' must be in (0, 1], got {v.top_p}")
     _check(r.name in ("hf", "vllm"), f"config key 'actor_rollout_ref.rollout.name' must be hf or vllm, got {r.name!r}")
     _check(d.max_response_length >= 1, "config key 'data.max_response_length' must be >= 1")
     _check(d.train_batch_size >= 1, "config key 'data.train_batch_size' must be >= 1")

@@ -10,7 +10,9 @@ The ``hf`` backend is Keel's own sampler over :class:`keel.modeling.LeanForward`
 
 Sampling: p = softmax(z / temperature), optional nucleus (top-p) truncation, one
 ``torch.multinomial`` draw per row from the caller's generator, so a rollout is a
-pure function of (weights, prompts, generator state).
+pure function of (weights, prompts, generator state). Temperature 0 means greedy
+(argmax) decoding, what verl's validation does by default (``val_kwargs.do_sample=False``);
+training rollouts need T > 0 (log-probs divide by it).
 
 Models outside the Llama family fall back to ``model.generate`` (same sampling
 parameters, no compaction). The ``vllm`` backend lives in :mod:`keel.rollout_vllm`.
@@ -42,7 +44,9 @@ class Rollout:
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
-    """logits (A, V) -> token ids (A,)."""
+    """logits (A, V) -> token ids (A,); temperature 0 = greedy."""
+    if temperature == 0:
+        return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
@@ -140,12 +144,16 @@ def _generate_hf(model, prompts, G, max_new_tokens, temperature, top_p, eos_id, 
         ids[i, P - len(p):] = torch.tensor(p)
         mask[i, P - len(p):] = 1
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    if temperature > 0:
+        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, num_return_sequences=G)
+    else:  # greedy: transformers returns one sequence per input row, so the rows are repeated instead
+        sampling = dict(do_sample=False)
+        ids, mask = ids.repeat_interleave(G, 0), mask.repeat_interleave(G, 0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         seqs = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True, temperature=temperature,
-            top_p=top_p, top_k=0, max_new_tokens=max_new_tokens, num_return_sequences=G,
-            eos_token_id=eos_id, pad_token_id=pad_id,
+            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+            eos_token_id=eos_id, pad_token_id=pad_id, **sampling,
         )
     new = seqs[:, P:].tolist()
     response_ids, finished = [], []

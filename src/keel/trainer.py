@@ -260,13 +260,16 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
     log(f"run dir: {run_dir}  ({meta['model']['parameters']:,} parameters, {len(train_rows)} train / "
         f"{len(val_rows)} held-out prompts, {torch.get_num_threads()} thread(s), {device})")
 
+    val_temperature, val_top_p, val_n = r.val_sampling()
+    val_key = f"mean@{val_n}"  # the accuracy: mean correctness of val_kwargs.n answers per problem
+
     def held_out_accuracy() -> dict:
         result = None
         if main:  # rank 0 evaluates; the others wait for its answer
             with autocast:
-                result = evaluate(model, lean, tok, val_ids, val_rows, reward_fn, k=1,
-                                  max_new_tokens=cfg.data.max_response_length, temperature=r.temperature,
-                                  top_p=r.top_p, seed=t.seed + 7)
+                result = evaluate(model, lean, tok, val_ids, val_rows, reward_fn, k=val_n,
+                                  max_new_tokens=cfg.data.max_response_length, temperature=val_temperature,
+                                  top_p=val_top_p, seed=t.seed + 7)
         return d.broadcast(result)
 
     def save(step: int, extra: dict | None = None) -> Path:
@@ -278,7 +281,7 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
 
     if state["eval_before"] is None and t.val_before_train:
         state["eval_before"] = held_out_accuracy()
-        log(f"held-out accuracy before GRPO: {state['eval_before']['mean@1']:.3f} (n={state['eval_before']['n']})")
+        log(f"held-out accuracy before GRPO: {state['eval_before'][val_key]:.3f} (n={state['eval_before']['n']})")
 
     bar = _progress(main and progress and "console" in t.logger, t.total_training_steps, state["step"])
     stopped, exit_code = None, 0
@@ -389,7 +392,7 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
             state["step"] = step
             if t.test_freq > 0 and step % t.test_freq == 0 and step < t.total_training_steps:
                 ev = held_out_accuracy()
-                step_metrics["val/accuracy"] = ev["mean@1"]
+                step_metrics["val/accuracy"] = ev[val_key]
             if main:
                 tracker.log(step_metrics, step)
                 append_jsonl(run_dir / "health.jsonl", verdict.events)
@@ -446,9 +449,9 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
     if main:
         checkpoint.save_hf_model(model, tok, run_dir / "model")
     after = held_out_accuracy()
-    result = {"heldout_accuracy_before": (state["eval_before"] or {}).get("mean@1"),
-              "heldout_accuracy_after": after["mean@1"], "n_heldout": after["n"],
-              "temperature": r.temperature, "steps": state["step"]}
+    result = {"heldout_accuracy_before": (state["eval_before"] or {}).get(val_key),
+              "heldout_accuracy_after": after[val_key], "n_heldout": after["n"],
+              "temperature": val_temperature, "samples_per_problem": val_n, "steps": state["step"]}
     if main:
         (run_dir / "eval.json").write_text(json.dumps(result, indent=1))
         meta["end_time"] = datetime.now(timezone.utc).isoformat()
