@@ -2,7 +2,8 @@
 is wrong, with exit code 2 and no traceback (``--debug`` shows it). The table below is the list of cases.
 
 A reward function that raises on some samples is not bad input: those samples score
-``reward.error_score`` and are counted in ``reward/errors``; the run goes on.
+``reward.error_score`` and are counted in ``reward/errors``; the run goes on. One that fails on every
+sample of ``reward.max_failed_batches`` batches in a row is broken: one line, exit 2.
 """
 
 import json
@@ -37,6 +38,10 @@ not_callable = 3
 
 def digit_share(prompts, completions, **kwargs):
     return [sum(ch.isdigit() for ch in c) / max(1, len(c)) for c in completions]
+
+def always_raises(prompts, completions, **kwargs):
+    """a typo'd column name: fails on every sample of every batch"""
+    return [float(kwargs["solutoin"]) for _ in completions]
 
 def compute_score(data_source, solution_str, ground_truth, extra_info=None):
     """verl style; the grader 'crashes' on the problem whose answer is 13."""
@@ -191,6 +196,10 @@ CASES = [
      "reward function 'wrong_len' returned 1 scores for 4 completions"),
     ("reward not a list", DEMO, ["reward.functions=[{{name: '{w}/rewards.py:not_a_list'}}]"],
      "reward function 'not_a_list' must return a list of floats, got float"),
+    ("reward fails on every sample", DEMO, ["reward.functions=[{{name: '{w}/rewards.py:always_raises'}}]",
+                                            "trainer.total_training_steps=5", "reward.max_failed_batches=3"],
+     "reward function 'always_raises' failed on every sample of 3 batches in a row (last error KeyError: "
+     "'solutoin'); fix it or remove it from reward.functions (reward.max_failed_batches=3)"),
     ("verl custom_reward_function missing", DEMO, ["custom_reward_function.path=no/score.py"],
      "reward function 'no/score.py': file 'no/score.py' does not exist"),
     # ---- checkpoints

@@ -309,6 +309,21 @@ def test_raising_sample_scores_error_score_and_is_counted(custom_file):
     assert totals == [0.0, 2.0] and metrics["reward/errors"] == 1
 
 
+def test_a_function_failing_on_every_sample_stops_after_max_failed_batches(custom_file):
+    """Two all-failed batches, a batch with one good sample (the count resets), then three all-failed: error."""
+    cfg = cfg_with(reward={"functions": [f"{custom_file}:trl_raises_on_boom"], "max_failed_batches": 3})
+    reward = build_reward(cfg)
+    score = lambda texts: reward(["p"] * len(texts), texts, [row("1")] * len(texts), [1] * len(texts))  # noqa: E731
+    for texts in (["boom", "boom"], ["boom", "boom"], ["boom", "fine"], ["boom", "boom"], ["boom", "boom"]):
+        score(texts)
+    with pytest.raises(KeelError, match=r"^reward function 'trl_raises_on_boom' failed on every sample of 3 batches "
+                                        r"in a row \(last error ValueError: boom\)"):
+        score(["boom", "boom"])
+    never = build_reward(cfg_with(reward={"functions": [f"{custom_file}:trl_raises_on_boom"], "max_failed_batches": 0}))
+    for _ in range(5):
+        never(["p"], ["boom"], [row("1")], [1])  # 0 = never stop
+
+
 def test_wrong_length_names_function_and_lengths(custom_file):
     cfg = cfg_with(reward={"functions": [f"{custom_file}:trl_short"]})
     with pytest.raises(KeelError, match=r"^reward function 'trl_short' returned 1 scores for 2 completions$"):

@@ -186,6 +186,9 @@ class RewardConfig:
     functions: list = field(default_factory=lambda: [{"name": "auto", "weight": 1.0}])
     # score given to a sample whose reward function raised (counted in reward/errors)
     error_score: float = 0.0
+    # stop the run (exit 2) when a function failed on every sample of this many batches in a row: it is
+    # broken (a typo, a missing column), not unlucky, and its all-equal scores teach nothing (0 = never)
+    max_failed_batches: int = 3
     # DAPO overlong buffer: penalise responses in the last `overlong_buffer_len` tokens (0 = off)
     overlong_buffer_len: int = 0
     # maximal overlong penalty
@@ -494,6 +497,8 @@ def validate(cfg: KeelConfig) -> None:
     )
     _check(r.temperature > 0, f"config key 'actor_rollout_ref.rollout.temperature' must be > 0, got {r.temperature}")
     _check(0 < r.top_p <= 1, f"config key 'actor_rollout_ref.rollout.top_p' must be in (0, 1], got {r.top_p}")
+    _check(cfg.reward.max_failed_batches >= 0,
+           f"config key 'reward.max_failed_batches' must be >= 0, got {cfg.reward.max_failed_batches}")
     v = r.val_kwargs
     _check(v.n >= 1, f"config key 'actor_rollout_ref.rollout.val_kwargs.n' must be >= 1, got {v.n}")
     _check(v.temperature is None or v.temperature > 0,

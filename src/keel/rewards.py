@@ -16,7 +16,8 @@ Custom functions are ``"module.path:function"``, ``"module.path.function"`` or `
 TRL's signature ``f(prompts, completions, **columns) -> list[float | None]`` or verl's
 ``compute_score(data_source, solution_str, ground_truth, extra_info) -> float | {"score": float, ...}``.
 None means "not applicable": scored 0 and counted in ``reward/not_applicable``. A function that raises
-on a sample scores it ``reward.error_score`` (counted in ``reward/errors``); a wrong number of scores is a
+on a sample scores it ``reward.error_score`` (counted in ``reward/errors``); one that fails on every sample
+of ``reward.max_failed_batches`` batches in a row stops the run with a one-line error; a wrong number of scores is a
 KeelError.
 
 math-verify's own timeout uses SIGALRM, which only works in the main thread and cannot interrupt C-level
@@ -485,6 +486,8 @@ class RewardFunction:
         self.kwargs = dict(kwargs or {})
         self.error_score, self.timeout_s = float(error_score), float(timeout_s)
         self._warned = False
+        self.max_failed_batches = 3  # reward.max_failed_batches (0 = never stop)
+        self._failed_in_row = 0  # batches in a row on which every sample failed
 
     def __call__(self, prompts: list[str], completions: list[str], rows: list[PromptRow],
                  response_lengths: list[int]) -> list[float]:
@@ -520,7 +523,19 @@ class RewardFunction:
                 scores.append(self.error_score)
             else:
                 scores.append(float(value))
+        self._stop_if_broken(raw, counts["errors"])
         return scores, counts
+
+    def _stop_if_broken(self, raw: list, errors: float) -> None:
+        """A function that fails on every sample, batch after batch, is broken: say so instead of training on
+        constant scores (which give every completion the same advantage, zero)."""
+        self._failed_in_row = self._failed_in_row + 1 if raw and errors == len(raw) else 0
+        if self.max_failed_batches and self._failed_in_row >= self.max_failed_batches:
+            last = next((v for v in reversed(raw) if isinstance(v, BaseException)), None)
+            why = f"last error {type(last).__name__}: {str(last)[:200]}" if last is not None else "non-numeric scores"
+            raise KeelError(f"reward function '{self.name}' failed on every sample of {self._failed_in_row} batches "
+                            f"in a row ({why}); fix it or remove it from reward.functions "
+                            f"(reward.max_failed_batches={self.max_failed_batches})")
 
     def _call_trl(self, completions: list[str], rows: list[PromptRow]) -> list[Score]:
         prompts = [row.prompt for row in rows]  # as in the dataset, like TRL (not chat-templated)
@@ -668,6 +683,7 @@ def build_reward(cfg: Any) -> CombinedReward:
     functions += [make_reward_function(e, r.error_score, r.timeout_s) for e in entries]
     seen: dict[str, int] = {}
     for fn in functions:  # distinct metric names: reward/<name>/mean
+        fn.max_failed_batches = r.max_failed_batches
         seen[fn.name] = seen.get(fn.name, 0) + 1
         if seen[fn.name] > 1:
             fn.name = f"{fn.name}_{seen[fn.name]}"
