@@ -210,3 +210,19 @@ def test_bad_fault_spec_is_a_keel_error(monkeypatch, spec, message):
     monkeypatch.setenv("KEEL_FAULT_INJECT", spec)
     with pytest.raises(KeelError, match=message):
         fault_point("grad", 3)
+
+
+def test_resume_names_config_keys_that_changed(tmp_path):
+    import yaml
+
+    from keel.config import load_config, to_dict
+    from keel.trainer import config_changes
+
+    saved = tmp_path / "config.yaml"
+    saved.write_text(yaml.safe_dump(to_dict(load_config(None, ["actor_rollout_ref.actor.optim.lr=1e-5"]))))
+    same = load_config(None, ["actor_rollout_ref.actor.optim.lr=1e-5"])
+    assert config_changes(saved, same) == []
+    other = load_config(None, ["actor_rollout_ref.actor.optim.lr=2e-5", "trainer.total_training_steps=7"])
+    assert config_changes(saved, other) == ["actor_rollout_ref.actor.optim.lr: 1e-05 -> 2e-05",
+                                            "trainer.total_training_steps: 80 -> 7"]
+    assert config_changes(tmp_path / "missing.yaml", other) == []

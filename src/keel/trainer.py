@@ -188,6 +188,27 @@ class TrainResult:
     exit_code: int = 0
 
 
+def config_changes(saved_path: Path, cfg: KeelConfig) -> list[str]:
+    """'key: old -> new' for every leaf that differs between a run's saved config.yaml and cfg."""
+    if not saved_path.is_file():
+        return []
+    try:
+        saved = yaml.safe_load(saved_path.read_text()) or {}
+    except yaml.YAMLError:
+        return [f"{saved_path} is unreadable"]
+
+    def leaves(node, prefix=""):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                yield from leaves(v, f"{prefix}{k}.")
+        else:
+            yield prefix[:-1], node
+
+    old, new = dict(leaves(saved)), dict(leaves(to_dict(cfg)))
+    return [f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}"
+            for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+
+
 def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
     a, r, t = cfg.actor, cfg.rollout, cfg.trainer
     set_threads(t.num_threads)
@@ -241,6 +262,9 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
         controller.load_state_dict(saved["controller"])
         monitor.load_state_dict(saved["monitor"])
         log(f"resumed from {resumed.path} (step {state['step']})")
+        changed = config_changes(run_dir / "config.yaml", cfg)
+        if changed:  # allowed (e.g. more steps, another logger), but the replay is then no longer the same run
+            log("config changed since the run started: " + "; ".join(changed))
     if t.resume == "auto" and main:  # lines past the checkpoint (all of them if there is none) are replayed
         for name in ("metrics.jsonl", "samples.jsonl", "health.jsonl"):
             truncate_jsonl(run_dir / name, state["step"])
