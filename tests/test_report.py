@@ -16,7 +16,9 @@ from keel.report import (
     config_diff,
     criteria_rows,
     figure_png,
+    comparison_table,
     health_spans,
+    in_band_share,
     load_run,
     pick_samples,
     pick_steps,
@@ -176,6 +178,21 @@ def test_results_summary_and_config_diff(tmp_path):
     assert config_diff([run, run]).note == "the configs are identical"
 
 
+def test_in_band_share_given_band_logged_band_and_floor(tmp_path):
+    run = load_run(make_run(tmp_path))  # ENTROPY 0.9 ... 0.2 over steps 1-12, no band logged
+    assert in_band_share(run) is None  # a fixed run has no band of its own
+    assert in_band_share(run, (0.3, 0.7), after_step=0) == pytest.approx(5 / 12)  # 0.7 0.6 0.5 0.4 0.3
+    assert in_band_share(run, (0.3, 0.7), after_step=4) == pytest.approx(4 / 8)  # steps 5-12
+    for row in run.rows:  # a band controller's logged band, and a floor's (no high edge)
+        row.update({"control/entropy_low": 0.3, "control/entropy_high": 0.7})
+    assert in_band_share(run, after_step=0) == pytest.approx(5 / 12)
+    for row in run.rows:
+        row.update({"control/entropy_low": 0.5, "control/entropy_high": None})
+    assert in_band_share(run, after_step=0) == pytest.approx(6 / 12)  # >= 0.5: 0.9 0.85 0.8 0.7 0.6 0.5
+    table = comparison_table([run], (0.3, 0.7), after_step=4)
+    assert table.header[6] == "in [0.3, 0.7] (steps > 4)" and table.rows[0][6] == "50 %"
+
+
 def test_criteria_rows_from_a_hand_made_summary():
     summary = {"rules": [
         {"rule": "actor/entropy", "criterion": "good 0.02–0.15", "latest": 0.0123456, "latest_step": 40, "verdict": "bad",
@@ -277,8 +294,9 @@ def test_several_runs_and_sweep(tmp_path, monkeypatch):
     assert "x/run-a" in page.cells and "y/run-a" in page.cells  # same dir name: the parent tells them apart
     start = page.cells.index("actor_rollout_ref.actor.entropy_coeff")
     assert page.cells[start : start + 3] == ["actor_rollout_ref.actor.entropy_coeff", "0.001", "0.01"]
-    start = page.cells.index("x/run-a")  # comparison row: last step, score, entropy, KL, length, held-out, health, trend
-    assert page.cells[start : start + 10] == ["x/run-a", "12", "0.5", "0.2", "0.001", "41", "0.25", "0.5", "bad", "improving"]
+    start = page.cells.index("x/run-a")  # comparison: last step, score, entropy, KL, length, in band, held-out, health, trend
+    assert page.cells[start : start + 11] == ["x/run-a", "12", "0.5", "0.2", "0.001", "41", "n/a", "0.25", "0.5", "bad",
+                                              "improving"]  # fixed coefficients: no band of their own
 
     sweep = tmp_path / "sweep"
     make_run(sweep / "runs", "trial-0")
@@ -300,3 +318,7 @@ def test_report_errors(tmp_path):
         write_report([str(tmp_path / "missing")])
     with pytest.raises(KeelError, match="--steps must be comma-separated integers"):
         report_main([str(make_run(tmp_path)), "--steps", "6,x"])
+    with pytest.raises(KeelError, match=r"--band must be LOW,HIGH in nats like 0.08,0.16, got '0.1'"):
+        report_main([str(tmp_path / "run-a"), "--band", "0.1"])
+    with pytest.raises(KeelError, match=r"--band must have 0 <= LOW < HIGH, got '0.2,0.1'"):
+        report_main([str(tmp_path / "run-a"), "--band", "0.2,0.1"])

@@ -260,14 +260,36 @@ def worst_health(run: Run) -> str:
     return HEALTH_WORDS[max(codes)] if codes else "n/a"
 
 
-def comparison_table(runs: list[Run]) -> Table:
-    """One row per run: last-step values, held-out accuracy before -> after, worst health verdict, score trend."""
-    header = ["run", "last step", "score", "entropy", "KL", "correct length", "held-out before", "held-out after", "worst health", "score trend"]
+def in_band_share(run: Run, band: tuple[float, float] | None = None, after_step: int = 10) -> float | None:
+    """Share of the steps after ``after_step`` whose ``actor/entropy`` lies in the band.
+
+    The band is ``band`` when given (to judge every run, fixed ones too, against one band), else the one the
+    run's controller logged at each step (``control/entropy_low`` / ``control/entropy_high``; a floor has no
+    high edge). None when there is no band or no step to judge.
+    """
+    hits = []
+    for row in run.rows:
+        h = row.get("actor/entropy")
+        if row["step"] <= after_step or not is_number(h):
+            continue
+        low, high = band if band is not None else (row.get("control/entropy_low"), row.get("control/entropy_high"))
+        if not is_number(low) and not is_number(high):
+            continue
+        hits.append((not is_number(low) or h >= low) and (not is_number(high) or h <= high))
+    return sum(hits) / len(hits) if hits else None
+
+
+def comparison_table(runs: list[Run], band: tuple[float, float] | None = None, after_step: int = 10) -> Table:
+    """One row per run: last-step values, entropy in band, held-out accuracy before -> after, worst health, score trend."""
+    where = f"in [{fmt(band[0])}, {fmt(band[1])}]" if band else "in band"
+    header = ["run", "last step", "score", "entropy", "KL", "correct length", f"{where} (steps > {after_step})",
+              "held-out before", "held-out after", "worst health", "score trend"]
     rows = []
     for run in runs:
         last = [fmt(value_at(run, k, run.last_step)) for k in ("critic/score/mean", "actor/entropy", "actor/kl_loss", "response_length/pos/mean")]
+        share = in_band_share(run, band, after_step)
         rows.append(
-            [run.name, str(run.last_step), *last]
+            [run.name, str(run.last_step), *last, "n/a" if share is None else f"{100 * share:.0f} %"]
             + [fmt(run.eval.get("heldout_accuracy_before")), fmt(run.eval.get("heldout_accuracy_after"))]
             + [worst_health(run), trend_words(run.series("critic/score/mean")[1], True)]
         )
@@ -520,10 +542,11 @@ def facts_table(run: Run) -> Table:
     return Table(f"Run facts: {run.name}", ["key", "value"], rows, "" if rows else "no meta.json / eval.json")
 
 
-def build_blocks(runs: list[Run], sweeps: list[Sweep], steps: list[int] | None) -> tuple[list[tuple], dict[str, bytes]]:
+def build_blocks(runs: list[Run], sweeps: list[Sweep], steps: list[int] | None,
+                 band: tuple[float, float] | None = None) -> tuple[list[tuple], dict[str, bytes]]:
     blocks: list[tuple] = [("h2", "Results")]
-    if len(runs) > 1:
-        blocks.append(("table", comparison_table(runs)))
+    if len(runs) > 1 or band is not None:
+        blocks.append(("table", comparison_table(runs, band)))
     for run in runs:
         blocks.append(("table", results_summary(run, steps)))
         if run.eval:
@@ -553,7 +576,8 @@ def build_blocks(runs: list[Run], sweeps: list[Sweep], steps: list[int] | None) 
     return blocks, plots
 
 
-def write_report(paths: list[str], out_dir: str | None = None, steps: list[int] | None = None) -> Path:
+def write_report(paths: list[str], out_dir: str | None = None, steps: list[int] | None = None,
+                 band: tuple[float, float] | None = None) -> Path:
     """Write report.html (self-contained) and report.md + plots/*.png; return the HTML path.
 
     Default ``out_dir``: the run (or sweep) directory when one path is given, else ``./report``.
@@ -566,7 +590,7 @@ def write_report(paths: list[str], out_dir: str | None = None, steps: list[int] 
     out = Path(out_dir) if out_dir is not None else Path(paths[0]) if len(paths) == 1 else Path("report")
     (out / "plots").mkdir(parents=True, exist_ok=True)
     title = f"Keel report: {runs[0].name}" if len(runs) == 1 else f"Keel report: {len(runs)} runs"
-    blocks, plots = build_blocks(runs, sweeps, steps)
+    blocks, plots = build_blocks(runs, sweeps, steps, band)
     for name, png in plots.items():
         (out / "plots" / f"{name}.png").write_bytes(png)
     (out / "report.md").write_text(render_markdown(title, blocks), encoding="utf-8")
@@ -581,13 +605,27 @@ def parse_steps(text: str) -> list[int]:
         raise KeelError(f"--steps must be comma-separated integers like 6,25,50, got {text!r}") from None
 
 
+def parse_band(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(x) for x in text.split(","))
+    except ValueError:
+        raise KeelError(f"--band must be LOW,HIGH in nats like 0.08,0.16, got {text!r}") from None
+    if not 0 <= low < high:
+        raise KeelError(f"--band must have 0 <= LOW < HIGH, got {text!r}")
+    return low, high
+
+
 def report_main(argv: list[str]) -> int:
-    """``keel report PATH [PATH...] [--out DIR] [--steps 6,25,50]``."""
+    """``keel report PATH [PATH...] [--out DIR] [--steps 6,25,50] [--band LOW,HIGH]``."""
     parser = argparse.ArgumentParser(prog="keel report", description="Write report.html / report.md for runs or a sweep.")
     parser.add_argument("paths", nargs="+", help="run directories (with metrics.jsonl) or sweep directories (with summary.csv)")
     parser.add_argument("--out", default=None, help="output folder (default: the run dir, or ./report for several)")
     parser.add_argument("--steps", default=None, help="steps shown in the results summary besides the last (default 6,25,50)")
+    parser.add_argument("--band", default=None,
+                        help="judge every run's entropy against this band, e.g. 0.08,0.16 (default: each run's own "
+                             "control/entropy_low/high)")
     args = parser.parse_args(argv)
-    path = write_report(args.paths, args.out, parse_steps(args.steps) if args.steps else None)
+    path = write_report(args.paths, args.out, parse_steps(args.steps) if args.steps else None,
+                        parse_band(args.band) if args.band else None)
     print(f"wrote {path} and {path.with_suffix('.md')}")
     return 0
