@@ -94,6 +94,27 @@ def test_tensorboard_event_file(tmp_path, monkeypatch):
     assert [e.value for e in acc.Scalars("health/overall")] == [0, 1, 2]
 
 
+def test_tensorboard_resume_replaces_the_replayed_steps(tmp_path, monkeypatch):
+    """A run killed after logging step 5 resumes from its step-3 checkpoint and logs 4, 5 again:
+    TensorBoard keeps one point per step, the replayed ones."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.delenv("TENSORBOARD_DIR", raising=False)
+    first = Tracker(["tensorboard"], tmp_path / "run", "proj", "exp", CONFIG)
+    for step in range(1, 6):
+        first.log({"critic/score/mean": step / 10}, step)
+    first.close()
+    resumed = Tracker(["tensorboard"], tmp_path / "run", "proj", "exp", CONFIG, resume_step=3)
+    for step in (4, 5):
+        resumed.log({"critic/score/mean": step}, step)
+    resumed.close()
+    acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    acc.Reload()
+    points = acc.Scalars("critic/score/mean")
+    assert [e.step for e in points] == [1, 2, 3, 4, 5]
+    assert [e.value for e in points] == pytest.approx([0.1, 0.2, 0.3, 4.0, 5.0])
+
+
 def wandb_records(path):
     """Records of a W&B ``.wandb`` file: a 7-byte header, then 32 KiB blocks of leveldb-log chunks
     (crc32 uint32, length uint16, type uint8: 1 full, 2 first, 3 middle, 4 last), each a protobuf Record."""

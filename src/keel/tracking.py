@@ -161,13 +161,16 @@ def console_line(metrics: dict, step: int) -> str:
 
 
 class TensorBoardBackend:
-    def __init__(self, run_dir: Path, **_):
+    def __init__(self, run_dir: Path, resume_step: int | None = None, **_):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise KeelError(f"trainer.logger names 'tensorboard' but the tensorboard package is not installed ({PIP_HINT})") from None
         self.log_dir = Path(os.environ.get("TENSORBOARD_DIR") or run_dir / "tensorboard")
-        self.writer = SummaryWriter(log_dir=str(self.log_dir))
+        # a resumed run replays the steps after its checkpoint: purge_step hides the first attempt's events
+        # from that step on, so each step has one point
+        purge = None if resume_step is None else resume_step + 1
+        self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=purge)
 
     def log(self, metrics: dict, step: int) -> None:
         for key, value in numeric_items(metrics).items():
@@ -260,6 +263,8 @@ class Tracker:
     """Send each step's metrics to every logger named in ``trainer.logger``; jsonl is always on.
 
     ``console=False`` silences the console line even when ``"console"`` is listed (a progress bar owns the terminal).
+    ``resume_step``: the checkpoint step a resumed run restarts after; TensorBoard then drops the earlier
+    attempt's points past it (``metrics.jsonl`` is cut back by the trainer; W&B and MLflow start a new run).
     Unknown logger names and missing tracker libraries raise :class:`KeelError` naming them.
     """
 
@@ -271,6 +276,7 @@ class Tracker:
         experiment_name: str,
         config: dict,
         console: bool = True,
+        resume_step: int | None = None,
     ):
         valid = [x.value for x in Logger]
         unknown = [name for name in loggers if name not in valid]
@@ -285,7 +291,8 @@ class Tracker:
         try:
             for name in names:
                 self.backends[name] = BACKENDS[name](
-                    run_dir=self.run_dir, project_name=project_name, experiment_name=experiment_name, config=config
+                    run_dir=self.run_dir, project_name=project_name, experiment_name=experiment_name, config=config,
+                    resume_step=resume_step,
                 )
         except BaseException:
             self.close()  # do not leave a half-open wandb run or event file behind

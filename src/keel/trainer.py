@@ -278,7 +278,7 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         (run_dir / "meta.json").write_text(json.dumps(meta, indent=1))
     tracker = Tracker([x for x in t.logger if x != "console"], str(run_dir), t.project_name, t.experiment_name,
-                      to_dict(cfg)) if main else None
+                      to_dict(cfg), resume_step=state["step"] if t.resume == "auto" else None) if main else None
     if not main:
         log = lambda *_: None  # noqa: E731  (rank 0 speaks for the run)
     log(f"run dir: {run_dir}  ({meta['model']['parameters']:,} parameters, {len(train_rows)} train / "
