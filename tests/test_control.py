@@ -230,7 +230,7 @@ def test_band_below_the_reference_does_not_use_the_kl_anchor():
 @pytest.mark.parametrize("start_coeff", [0.0, 0.3])
 def test_shipped_dead_zone_band_holds_the_toy_plant(gain, start_coeff):
     """demo_band.yaml's controller (dead zone 0.6, decay 0.9) on the same plant, 150 steps: never settles to a
-    set point, but stays inside [0.08, 0.16] and never rests at either edge."""
+    set point, but stays inside its band and never rests at either edge."""
     cfg = load_config(CONFIGS / "demo_band.yaml")
     rng = random.Random(0)
     c = make_controller(cfg.control, start_coeff, 0.001)
@@ -243,4 +243,5 @@ def test_shipped_dead_zone_band_holds_the_toy_plant(gain, start_coeff):
         log_h += gain * (coeff - 0.1)
     inside = [cfg.control.low <= h <= cfg.control.high for h in hs[10:]]
     assert sum(inside) / len(inside) >= 0.9, (gain, start_coeff, min(hs), max(hs))
-    assert 0.085 < sum(hs[-50:]) / 50 < 0.14  # the last 50 steps average inside the band, off both edges
+    # the last 50 steps average inside the band, off both edges
+    assert cfg.control.low * 1.05 < sum(hs[-50:]) / 50 < cfg.control.high * 0.875
