@@ -63,3 +63,40 @@ def test_no_good_checkpoint_means_stop(sft_model, tmp_path):
     assert reason.startswith("actor/kl_loss") and reason.endswith("no healthy checkpoint to roll back to"), reason
     events = [json.loads(line) for line in open(run_dir / "health.jsonl")]
     assert not [e for e in events if e["verdict"] == "rollback"]
+
+
+# An entropy floor just under the warm start (0.152 nats): at lr 1e-4 with no bonus the policy sharpens to
+# 0.128, 0.125 at steps 4-5 (measured), the floor fails on the "low" side for 2 steps, and the rollback
+# restores step 2's checkpoint with entropy_coeff 0 -> max(2 * 0, 0 + 0.2) = 0.2.
+COLLAPSE_RULES = """
+- metric: actor/entropy
+  good: [0.135, null]
+  bad: [null, 0.13]
+  patience: 2
+"""
+
+
+def test_entropy_collapse_rolls_back_with_more_bonus_and_recovers(sft_model, tmp_path):
+    rules = tmp_path / "floor.yaml"
+    rules.write_text(COLLAPSE_RULES)
+    run_dir = tmp_path / "run"
+    steps = 14
+    code, out, err = run_keel(["train", "configs/demo_band.yaml", "control.type=fixed", f"trainer.run_dir={run_dir}",
+                               "trainer.logger=[jsonl]", f"trainer.total_training_steps={steps}", "trainer.save_freq=2",
+                               "trainer.val_before_train=false", "data.val_size=16", f"monitor.rules={rules}",
+                               "monitor.action=rollback", "control.rollback_entropy_step=0.2"], timeout=300)
+    assert code == 0, (out[-2000:], err[-2000:])
+    rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    events = [json.loads(line) for line in open(run_dir / "health.jsonl")]
+    rollbacks = [e for e in events if e["verdict"] == "rollback"]
+    assert len(rollbacks) == 1, events
+    rb = rollbacks[0]
+    assert rb["rule"] == "actor/entropy" and "entropy_coeff 0.2" in rb["reason"], rb
+    before = [r for r in rows if r["step"] <= rb["step"]]
+    after = [r for r in rows if r["step"] > rb["step"]]
+    assert before[-1]["actor/entropy"] < 0.13 and before[-1]["health/overall"] == 2  # collapsed
+    assert all(r["actor/entropy_coeff"] == 0.0 for r in before)
+    assert all(r["actor/entropy_coeff"] == pytest.approx(0.2) for r in after)  # more entropy pressure
+    # recovered: entropy back above the floor and judged good for the rest of the run
+    assert all(r["health/overall"] == 0 for r in after[-5:]) and min(r["actor/entropy"] for r in after[-5:]) > 0.135
+    assert rows[-1]["step"] == steps and not (run_dir / "STOPPED").exists()
