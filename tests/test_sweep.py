@@ -207,13 +207,16 @@ def processes_mentioning(text: str) -> list[int]:
 def test_killed_sweep_resumes_and_failed_run_does_not_break_it(tmp_path):
     out = tmp_path / "sw"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    sweep = subprocess.Popen([sys.executable, "-m", "keel", "sweep", str(SMOKE), "--out", str(out)], cwd=REPO, env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sweep_log = tmp_path / "sweep.log"
+    with open(sweep_log, "w") as log_file:
+        sweep = subprocess.Popen([sys.executable, "-m", "keel", "sweep", str(SMOKE), "--out", str(out)], cwd=REPO,
+                                 env=env, stdout=log_file, stderr=subprocess.STDOUT)
     first, second = out / "runs" / "ec0" / "sweep_run.json", out / "runs" / "ec0.01" / "train.log"
     deadline = time.time() + 120
     while not (first.is_file() and second.is_file()) and time.time() < deadline and sweep.poll() is None:
         time.sleep(0.1)
-    assert first.is_file() and second.is_file(), "the first run never finished"
+    assert first.is_file() and second.is_file(), \
+        f"the first run never finished (sweep exit {sweep.poll()}): {sweep_log.read_text()[-2000:]}"
     sweep.kill()  # SIGKILL mid-way: the second run is in flight
     sweep.wait()
     for _ in range(100):  # the in-flight run dies with its sweep (PR_SET_PDEATHSIG), no orphan keeps writing
@@ -222,14 +225,17 @@ def test_killed_sweep_resumes_and_failed_run_does_not_break_it(tmp_path):
         time.sleep(0.1)
     assert not processes_mentioning(f"trainer.run_dir={out}/runs/ec0.01")
     partial = read_summary(out)
-    assert [partial[n]["outcome"] for n in ("ec0", "ec0.01", "bad_group")] == ["Stable", "Pending", "Pending"]
+    assert [partial[n]["outcome"] for n in ("ec0", "ec0.01", "bad_group")] == ["Stable", "Pending", "Pending"], \
+        (partial, sweep_log.read_text()[-2000:])
     record = first.read_text()
 
     lines = []
     run_sweep(SMOKE, out, log=lines.append)
-    assert "3 runs (1 finished, 2 to run)" in lines[0]
+    assert "3 runs (1 finished, 2 to run)" in lines[0], lines
     assert first.read_text() == record  # the finished run was skipped, not re-run
     rows = read_summary(out)
+    train_log = (out / "runs" / "ec0.01" / "train.log").read_text()[-2000:]
+    assert [rows[n]["outcome"] for n in ("ec0", "ec0.01")] == ["Stable", "Stable"], (rows, lines, train_log)
     assert [rows[n]["outcome"] for n in ("ec0", "ec0.01", "bad_group")] == ["Stable", "Stable", "Failed"]
     assert [rows[n]["entropy_coeff"] for n in ("ec0", "ec0.01")] == ["0.0", "0.01"]
     assert [rows[n]["rollout.n"] for n in ("ec0", "bad_group")] == ["4", "1"]
