@@ -72,6 +72,11 @@ def test_rollout_tokens_follow_the_model(tiny):
     prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in ("12+34=", "5+6=", "99+1=")]
     out = rollout.generate(model, prompts, 2, 8, 1e-4, 1.0, tok.eos_token_id, tok.pad_token_id,
                            torch.Generator().manual_seed(0), lean=lean)
+    assert_argmax_tokens(model, out)
+
+
+def assert_argmax_tokens(model, out):
+    """Every sampled token is the HF model's argmax given the prompt and the tokens before it."""
     for prompt, resp in zip(out.prompt_ids, out.response_ids):
         seq = list(prompt)
         with torch.no_grad():
@@ -110,9 +115,4 @@ def test_temperature_zero_is_greedy_on_both_samplers(tiny):
     a, b, hf = go(0, lean), go(1, lean), go(0, None)
     assert a.response_ids == b.response_ids == hf.response_ids
     assert a.response_ids[0] == a.response_ids[1]  # both members of a group get the same answer
-    for prompt, resp in zip(a.prompt_ids, a.response_ids):
-        seq = list(prompt)
-        with torch.no_grad():
-            for token in resp:
-                assert token == int(model(torch.tensor([seq])).logits[0, -1].argmax())
-                seq.append(token)
+    assert_argmax_tokens(model, a)

@@ -37,7 +37,7 @@ from keel.modeling import LeanForward, build_embedded, count_parameters, load_mo
 from keel.monitor import Monitor, load_rules
 from keel.rewards import build_reward
 from keel.tasks import DATA_SOURCE, TASK_ALPHABET, split_problems
-from keel.tracking import Tracker
+from keel.tracking import Tracker, flatten
 
 
 # --------------------------------------------------------------------------- setup
@@ -196,15 +196,7 @@ def config_changes(saved_path: Path, cfg: KeelConfig) -> list[str]:
         saved = yaml.safe_load(saved_path.read_text()) or {}
     except yaml.YAMLError:
         return [f"{saved_path} is unreadable"]
-
-    def leaves(node, prefix=""):
-        if isinstance(node, dict):
-            for k, v in node.items():
-                yield from leaves(v, f"{prefix}{k}.")
-        else:
-            yield prefix[:-1], node
-
-    old, new = dict(leaves(saved)), dict(leaves(to_dict(cfg)))
+    old, new = flatten(saved), flatten(to_dict(cfg))
     return [f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}"
             for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
 
