@@ -90,6 +90,25 @@ def step_flops(d: dict, P: float, L: float) -> float:
     return 5 * B * G * sequence_flops(d, P, L)
 
 
+def keel_work_flops(d: dict, P: float, L: float) -> float:
+    """FLOPs of the tokens Keel actually runs in one step (fewer than the model FLOPs above).
+
+    A group's prompt is run once, not G times, and a response's last token is an input to nothing
+    (the sampler never feeds it back, the packed passes leave it out): each forward covers
+    B*P + B*G*(L-1) token positions. Attention and the LM head are counted as in sequence_flops.
+    The rollout counts one forward, the reference one, the update three. This is the work floor:
+    divided by the measured matmul rate it is the fastest a step could be if every FLOP ran at that
+    rate and nothing else (attention kernels, norms, sampling, Python) took any time.
+    """
+    C, nh, nkv, hd = d["C"], d["nh"], d["nkv"], d["hd"]
+    per_token = 2 * d["layers"] * (C * nh * hd + 2 * C * nkv * hd + nh * hd * C + 3 * C * d["F"])
+    tokens = B * P + B * G * max(L - 1.0, 0.0)
+    S = P + L - 1
+    attention = B * G * d["layers"] * 2 * nh * hd * S * (S + 1)
+    head = B * G * 2 * C * d["V"] * L
+    return 5 * (per_token * tokens + attention + head)
+
+
 def cpu_busy_seconds() -> float:
     """Non-idle CPU seconds of the whole machine since boot (user+nice+system+irq+softirq+steal)."""
     fields = open("/proc/stat").readline().split()[1:]
@@ -387,6 +406,12 @@ def compare(size: str, dtype: str, threads: int, model_dir: Path, a) -> dict:
             f"{k}_completion_len_all": [round(x, 2) for x in lengths],
         })
     out["speedup"] = out["trl_s_per_step"] / out["keel_s_per_step"]
+    # the bound: Keel's own work at the measured matmul rate, with every other cost at zero
+    work = keel_work_flops(d, a.prompt_len, out["keel_mean_completion_len"])
+    out["keel_work_gflop_per_step"] = work / 1e9
+    out["keel_floor_s_per_step"] = work / peak
+    out["max_speedup_at_peak"] = out["trl_s_per_step"] / out["keel_floor_s_per_step"]
+    out["keel_share_of_peak"] = out["keel_floor_s_per_step"] / out["keel_s_per_step"]
     # the same ratio per token processed, in case sampling left the two at different completion lengths
     out["speedup_per_token"] = out["keel_train_tokens_per_s"] / out["trl_train_tokens_per_s"]
     out["peak_matmul_gflops"] = peak / 1e9
@@ -444,6 +469,9 @@ def main() -> None:
             res["peak_matmul_gflops"] = peak / 1e9
             for k in ("trl", "keel"):
                 res[f"{k}_mfu"] = res[f"{k}_model_gflop_per_step"] * 1e9 / res[f"{k}_s_per_step"] / peak
+            res["keel_floor_s_per_step"] = res["keel_work_gflop_per_step"] * 1e9 / peak
+            res["max_speedup_at_peak"] = res["trl_s_per_step"] / res["keel_floor_s_per_step"]
+            res["keel_share_of_peak"] = res["keel_floor_s_per_step"] / res["keel_s_per_step"]
             if res["dtype"] == "float32" and res["threads"] == 1:  # the primary figures sit at the top
                 entry.update({k: v for k, v in res.items() if k != "rounds"})
     for size in results:
@@ -474,6 +502,7 @@ def main() -> None:
     Path(a.out).write_text(json.dumps(results, indent=1) + "\n")
     print(markdown_table(results))
     print(phase_table(results))
+    print(bound_table(results))
     print(f"wrote {a.out} ({time.time() - started:.0f} s)")
 
 
@@ -524,6 +553,21 @@ def phase_table(results: dict) -> str:
                          f"{t['reward']:.3f} / {k['reward']:.3f} | {t['ref']:.3f} / {k['ref']:.3f} | "
                          f"{t['update']:.3f} / {keel_rest:.3f} | "
                          f"{r['trl_s_per_step']:.3f} / {r['keel_s_per_step']:.3f} |")
+    return "\n".join(lines)
+
+
+def bound_table(results: dict) -> str:
+    """How far each speed-up could go on this machine: Keel's own work at the measured matmul rate."""
+    lines = ["| model | dtype | threads | Keel work GFLOP/step | floor s/step (work / matmul peak) | Keel s/step "
+             "| Keel at % of peak | TRL s/step | best possible speed-up |", "|" + "---|" * 9]
+    for size, entry in results.items():
+        if size == "meta":
+            continue
+        for r in entry["variants"].values():
+            lines.append(f"| {size} | {r['dtype']} | {r['threads']} | {r['keel_work_gflop_per_step']:.2f} | "
+                         f"{r['keel_floor_s_per_step']:.3f} | {r['keel_s_per_step']:.3f} | "
+                         f"{r['keel_share_of_peak']:.0%} | {r['trl_s_per_step']:.3f} | "
+                         f"{r['max_speedup_at_peak']:.2f}x |")
     return "\n".join(lines)
 
 

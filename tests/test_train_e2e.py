@@ -52,10 +52,15 @@ def test_same_seed_same_metrics(tmp_path):
 
 
 def test_unregularised_run_is_flagged_and_stopped(sft_model, tmp_path):
-    """entropy_coeff 0, a tiny KL and a high lr: the policy drifts off the reference and accuracy falls."""
+    """entropy_coeff 0, a tiny KL and a high lr: the policy drifts off the reference and accuracy falls.
+
+    lr 4e-4 (measured on the AMD EPYC CI machine: KL 0.18, 0.27, 1.0, 1.5 at steps 1-4, stopped at step 4). At
+    2e-4 an Intel Xeon went bad at step 24 but this machine not within 60 steps: its matmul kernels round
+    differently and sampling amplifies that, so the push is set with margin.
+    """
     run_dir = tmp_path / "run"
     code, out, err = run_keel(["train", "configs/demo.yaml", f"trainer.run_dir={run_dir}", *FAST,
-                               "trainer.total_training_steps=60", "actor_rollout_ref.actor.optim.lr=2e-4",
+                               "trainer.total_training_steps=60", "actor_rollout_ref.actor.optim.lr=4e-4",
                                "actor_rollout_ref.actor.entropy_coeff=0", "actor_rollout_ref.actor.kl_loss_coef=1e-4",
                                "monitor.action=stop", "trainer.val_before_train=false"])
     assert code == 3, (out[-1000:], err[-1000:])

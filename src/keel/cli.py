@@ -30,6 +30,9 @@ def cmd_train(args) -> int:
 
         return launch(args.nproc, [args.config, *args.overrides])
     result = train(cfg)
+    from keel.distributed import shutdown
+
+    shutdown()  # under torchrun: every rank leaves the process group together
     _print_eval(result.eval, result.run_dir)
     return result.exit_code
 

@@ -104,7 +104,10 @@ def init_from_env() -> Dist:
 
 
 def shutdown() -> None:
+    """Leave the process group once every rank is done (a group left to interpreter exit can abort a rank:
+    gloo's threads are torn down while the other rank may still be talking to it)."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

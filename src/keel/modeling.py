@@ -367,9 +367,14 @@ class LeanForward:
 
     # ---- incremental decoding with a preallocated cache
 
-    def new_cache(self, B: int, T_max: int, dtype: torch.dtype, device) -> list[torch.Tensor]:
-        """Per layer a (2, B, nkv, T_max, hd) key/value buffer."""
-        return [torch.zeros(2, B, self.nkv, T_max, self.hd, dtype=dtype, device=device) for _ in range(self.n_layers)]
+    def new_cache(self, B: int, T_max: int, dtype: torch.dtype, device, zeroed: bool = True) -> list[torch.Tensor]:
+        """Per layer a (2, B, nkv, T_max, hd) key/value buffer.
+
+        zeroed=False leaves it uninitialised, for a caller that writes every slot before attention reads it
+        (the rollout: prompt slots copied from the prefill, each decode slot written by its own step).
+        """
+        alloc = torch.zeros if zeroed else torch.empty
+        return [alloc(2, B, self.nkv, T_max, self.hd, dtype=dtype, device=device) for _ in range(self.n_layers)]
 
     def step(self, input_ids, positions, cache, start: int, key_mask) -> torch.Tensor:
         """Run new tokens (B, T) written at cache slots [start, start+T) -> logits of the last token (B, V).

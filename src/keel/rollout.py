@@ -82,11 +82,13 @@ def _generate_lean(lean: LeanForward, prompts, G, max_new_tokens, temperature, t
         ids[i, P - len(p):] = torch.tensor(p, device=device)
         key_mask[i, P - len(p):] = True
     positions = (key_mask.cumsum(1) - 1).clamp(min=0)  # (B, P): real tokens at 0..len-1
-    cache = lean.new_cache(B, P + max_new_tokens, dtype, device)
-    logits = lean.step(ids, positions, cache, 0, key_mask)  # (B, V)
-    # ---- copy each prompt's state to its G group members
+    prefill = lean.new_cache(B, P, dtype, device)
+    logits = lean.step(ids, positions, prefill, 0, key_mask)  # (B, V)
+    # ---- copy each prompt's state to its G group members (only the P prompt slots hold anything yet)
     logits = logits.repeat_interleave(G, 0)  # (N, V)
-    cache = [kv.repeat_interleave(G, dim=1) for kv in cache]
+    cache = lean.new_cache(B * G, P + max_new_tokens, dtype, device, zeroed=False)  # every slot is written first
+    for kv, kv_prompt in zip(cache, prefill):
+        kv.unflatten(1, (B, G))[:, :, :, :, :P] = kv_prompt.unsqueeze(2)
     next_pos = positions[:, -1].repeat_interleave(G, 0) + 1  # (N,)
     # additive mask over cache slots, only needed when prompts differ in length (left padding)
     key_bias = None
