@@ -38,7 +38,8 @@ $(VENV)/.bench: $(VENV)/.installed
 	$(PY) -m pip install -q 'trl==1.16.0' accelerate datasets torch==2.13.0 'transformers>=5.16.1,<5.20'
 	touch $@
 
-# Keel vs TRL side by side (~8-9 min on a quiet machine; BENCH_ARGS=--quick for ~1.5 min); writes benchmarks/results.json
+# Keel vs TRL side by side (~9 min quiet on an Intel Xeon, ~16 min on the AMD EPYC CI machine; BENCH_ARGS=--quick
+# for ~2.5 min); writes benchmarks/results.json
 bench: $(VENV)/.bench
 	$(PY) benchmarks/vs_trl.py $(BENCH_ARGS)
 
