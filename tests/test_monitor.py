@@ -216,6 +216,33 @@ def test_trend_toward_a_ceiling_uses_the_horizon():
     assert v.failing_rule.direction == "high"
 
 
+@pytest.mark.parametrize("last, fires", [(7.02, False), (6.98, True)])
+def test_trend_change_just_inside_and_outside_the_edge(last, fires):
+    # entropy 10 9 8 then `last`: the fitted line falls ~29.4 % (7.02) or ~30.6 % (6.98); the edge is 30 %
+    m = Monitor([collapse_loop()])
+    for step, (h, n) in enumerate([(10, 100), (9, 95), (8, 90), (last, 85)], 1):
+        v = m.observe(step, {"actor/entropy": h, "response_length/pos/mean": n})
+    assert v.per_rule["loop"].verdict == ("watch" if fires else "good")
+
+
+@pytest.mark.parametrize("noise", [-1e-13, 0.0, 1e-13])
+def test_trend_on_the_edge_does_not_flip_with_rounding_noise(noise):
+    # exactly 30 % (10 -> 7) is crossed; a last-bit perturbation of the data must not change that
+    m = Monitor([collapse_loop()])
+    for step, (h, n) in enumerate([(10, 100), (9, 95), (8 + noise, 90), (7 - noise, 85)], 1):
+        v = m.observe(step, {"actor/entropy": h, "response_length/pos/mean": n})
+    assert v.per_rule["loop"].verdict == "watch"
+
+
+@pytest.mark.parametrize("horizon, fires", [(4.9, False), (5.1, True)])
+def test_trend_horizon_just_inside_and_outside_the_edge(horizon, fires):
+    rule = Rule("h", kind="trend", direction="rising", window=5, change=0.1, toward=10.0, horizon=horizon)
+    m = Monitor([rule])
+    for step in range(1, 6):
+        v = m.observe(step, {"h": float(step)})  # at step 5, 5 steps from 10
+    assert (v.overall == "watch") == fires
+
+
 def test_trend_patience_and_level_bad():
     rule = Rule("h", kind="trend", direction="falling", window=3, change=0.1, patience=2, level="bad")
     m = Monitor([rule])

@@ -250,21 +250,33 @@ class StepVerdict:
     failing_rule: Failing | None
 
 
+# Edges: a trend that moved exactly `change`, or will reach its ceiling in exactly `horizon` steps, has crossed.
+# Comparisons carry this relative tolerance so that a value on the edge does not flip with float rounding
+# (a fitted slope differs in its last bits from one BLAS / CPU to the next).
+EDGE_RTOL = 1e-9
+
+
 def _fit(points: list, step: int, window: int) -> tuple[float, float, float] | None:
-    """Least-squares line through the (step, value) points of the last `window` steps -> (start, end, slope)."""
+    """Least-squares line through the (step, value) points of the last `window` steps -> (start, end, slope).
+
+    Closed form on centred x:  slope = Σ(x-x̄)(y-ȳ) / Σ(x-x̄)²,  line(x) = ȳ + slope·(x-x̄).
+    Exact for points that lie on a line with small integer steps (no LAPACK call whose rounding varies by machine).
+    """
     pts = [p for p in points if p[0] > step - window]
     if len(pts) < max(3, (window + 1) // 2):
         return None
     x, y = np.array(pts, dtype=np.float64).T  # (n,), (n,)
-    slope, intercept = np.polyfit(x, y, 1)
-    return float(intercept + slope * x[0]), float(intercept + slope * x[-1]), float(slope)
+    dx, dy = x - x.mean(), y - y.mean()
+    slope = float((dx * dy).sum() / (dx * dx).sum())
+    return float(y.mean() + slope * dx[0]), float(y.mean() + slope * dx[-1]), slope
 
 
 def _moved(fit: tuple, direction: str, change: float) -> float | None:
     """Relative change of the fitted line if it moved at least `change` in `direction`, else None."""
     start, end, _ = fit
     rel = (end - start) / max(abs(start), 1e-12)
-    return rel if (rel <= -change if direction == "falling" else rel >= change) else None
+    edge = change * (1 - EDGE_RTOL)
+    return rel if (rel <= -edge if direction == "falling" else rel >= edge) else None
 
 
 class Monitor:
@@ -330,7 +342,7 @@ class Monitor:
             end, slope = fit[1], fit[2]
             gap = rule.toward - end
             steps_left = 0.0 if (gap <= 0 if rule.direction == "rising" else gap >= 0) else gap / slope
-            if steps_left > rule.horizon:
+            if steps_left > rule.horizon * (1 + EDGE_RTOL):
                 rel = None
             else:
                 why += f", heading for {_fmt(rule.toward)} in ~{max(steps_left, 0):.0f} steps"
