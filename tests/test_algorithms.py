@@ -10,6 +10,7 @@ from keel.algorithms import (
     AdvantageEstimator,
     KLType,
     LossAggMode,
+    agg_count,
     agg_loss,
     compute_grpo_outcome_advantage,
     compute_policy_loss,
@@ -44,6 +45,20 @@ def test_grpo_advantage_hand_computed_groups():
     assert adv.shape == (12,)
     torch.testing.assert_close(adv, expected, atol=1e-5, rtol=0)
     assert torch.equal(adv[8:], torch.zeros(4))  # exactly zero, not ~1e-7
+
+
+def test_seven_equal_rewards_get_exactly_zero_advantage():
+    # float32 mean of 7 x 0.7 is 0.69999993; verl's (0.7 - mean) / (std + 1e-6) gives +0.056 per row
+    r = torch.full((7,), 0.7)
+    naive = (r - r.mean()) / (r.std() + 1e-6)
+    assert naive.abs().max().item() > 0.01  # the bug this guards against is real in float32
+    for norm in (True, False):
+        adv = compute_grpo_outcome_advantage(torch.full((14,), 0.7), group_size=7, norm_adv_by_std_in_grpo=norm)
+        assert torch.equal(adv, torch.zeros(14))
+    # a non-constant group of the same size is unchanged by the shift: [0.7 x 6, 1.7] mean 0.842857,
+    # unbiased std sqrt(1/7)=.377964 -> 1.7: .857143/.377965 = 2.267787, 0.7: -.142857/.377965 = -.377964
+    adv = compute_grpo_outcome_advantage(t(0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 1.7), group_size=7)
+    torch.testing.assert_close(adv, t(*[-0.3779635] * 6, 2.2677868), atol=1e-5, rtol=0)
 
 
 def test_dr_grpo_advantage_is_centred_only():
@@ -101,7 +116,7 @@ MASK = torch.tensor([[1, 1, 0], [1, 0, 0]])
         ("token-mean", 7 / 3),  # (1+2+4) / 3 tokens
         ("seq-mean-token-sum", 3.5),  # (3 + 4) / 2
         ("seq-mean-token-mean", 2.75),  # (3/2 + 4/1) / 2
-        ("seq-mean-token-sum-norm", 7 / 6),  # (3 + 4) / (2 * L=3)
+        ("seq-mean-token-sum-norm", 7 / 3),  # (3 + 4) / L=3: a sum over rows, as verl (not / S)
     ],
 )
 def test_agg_loss_modes(mode, expected):
@@ -114,7 +129,27 @@ def test_agg_loss_modes(mode, expected):
 
 
 def test_agg_loss_norm_len_and_bool_mask():
-    assert agg_loss(LOSS, MASK.bool(), "seq-mean-token-sum-norm", norm_len=4).item() == pytest.approx(7 / 8)
+    # verl's loss_scale_factor F: (3 + 4) / 4
+    assert agg_loss(LOSS, MASK.bool(), "seq-mean-token-sum-norm", norm_len=4).item() == pytest.approx(7 / 4)
+    # Keel's former per-sequence mean (3 + 4) / (S=2 * L=3) is F = S * L
+    assert agg_loss(LOSS, MASK, "seq-mean-token-sum-norm", norm_len=2 * 3).item() == pytest.approx(7 / 6)
+
+
+def test_agg_count_splits_the_batch_like_agg_loss():
+    # token-mean: 3 tokens; seq-mean-*: 2 non-empty rows; sum-norm: None (per-part sums add up)
+    mask3 = torch.cat([MASK, torch.zeros(1, 3, dtype=torch.long)])
+    assert agg_count(mask3, "token-mean") == 3.0
+    assert agg_count(mask3, "seq-mean-token-mean") == 2.0 and agg_count(mask3, "seq-mean-token-sum") == 2.0
+    assert agg_count(mask3, "seq-mean-token-sum-norm") is None
+    for mode in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
+        whole = agg_loss(LOSS, MASK, mode, norm_len=3)
+        parts = [agg_loss(LOSS[i : i + 1], MASK[i : i + 1], mode, norm_len=3) for i in range(2)]
+        counts = [agg_count(MASK[i : i + 1], mode) for i in range(2)]
+        if counts[0] is None:
+            combined = sum(parts)
+        else:
+            combined = sum(p * c / sum(counts) for p, c in zip(parts, counts))
+        assert combined.item() == pytest.approx(whole.item(), abs=1e-6), mode
 
 
 @pytest.mark.parametrize("mode", [m.value for m in LossAggMode])
@@ -200,6 +235,11 @@ def test_policy_loss_extreme_log_ratio_stays_finite():
     loss, m = compute_policy_loss(torch.tensor([[50.0]]), torch.zeros(1, 1), torch.ones(1), torch.ones(1, 1))
     assert loss.item() == pytest.approx(-1.2)
     assert torch.isfinite(m["actor/ppo_kl"])
+    # ppo_kl averages the clamped log-ratio, as verl: -(20 + 0.5) / 2 = -10.25, not -(50 + 0.5) / 2
+    _, m = compute_policy_loss(t(50.0, 0.5)[None], torch.zeros(1, 2), torch.ones(1), torch.ones(1, 2))
+    assert m["actor/ppo_kl"].item() == pytest.approx(-10.25)
+    _, m = compute_policy_loss(t(-30.0)[None], torch.zeros(1, 1), -torch.ones(1), torch.ones(1, 1))
+    assert m["actor/ppo_kl"].item() == pytest.approx(20.0)
 
 
 # --------------------------------------------------------------------------- KL

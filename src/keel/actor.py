@@ -211,7 +211,8 @@ def grpo_loss(model, lean, packed: Packed, advantages: torch.Tensor, old_logp: t
     loss = pg_loss - lc.entropy_coeff * entropy
     metrics = {k: float(v) for k, v in pg_metrics.items()}
     metrics["actor/pg_loss"] = float(pg_loss.detach())
-    metrics["actor/entropy"] = float(algorithms.masked_mean(ent.detach(), mask))
+    # logged as verl logs it: aggregated with loss_agg_mode (the same number the bonus multiplies)
+    metrics["actor/entropy"] = float(entropy.detach())
     if ref_logp is not None and lc.use_kl:
         kl = algorithms.kl_penalty(logp, ref_logp[:, :r], lc.kl_loss_type)  # (N, r)
         kl_loss = algorithms.agg_loss(kl, mask, lc.loss_agg_mode, lc.norm_len)

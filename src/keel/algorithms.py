@@ -80,7 +80,12 @@ def compute_grpo_outcome_advantage(
                                                                    arXiv:2503.20783: the std division
                                                                    over-weights too-easy/too-hard prompts)
 
-    A group whose rewards are all equal carries no signal and gets exactly zero advantage.
+    A group whose rewards are all equal carries no signal and gets exactly zero advantage: the
+    rewards are shifted by the group's first one before the mean (r_i - r_0 is exactly 0 for equal
+    values, so mean and std are exactly 0 too) and the statistics are taken in float64. verl takes
+    the float32 mean of the raw rewards, so 7 rewards of 0.7 give it (0.7 - mean) / (std + eps) =
+    +0.056 on every row, a push from a group with no signal; the shift changes nothing else
+    (mean and std are shift-invariant).
     The advantage is an outcome (sequence-level) value; the policy loss broadcasts it over tokens.
 
     Args:
@@ -92,11 +97,12 @@ def compute_grpo_outcome_advantage(
     if group_size < 2 or scores.numel() % group_size != 0:
         raise ValueError(f"GRPO needs groups of >= 2: got {scores.numel()} scores for group_size={group_size}")
     with torch.no_grad():
-        r = scores.detach().float().reshape(-1, group_size)  # (B, G)
+        r = scores.detach().double().reshape(-1, group_size)  # (B, G)
+        r = r - r[:, :1]  # (B, G) shift by the first reward: equal rewards become exact zeros
         centred = r - r.mean(dim=-1, keepdim=True)  # (B, G)
         if norm_adv_by_std_in_grpo:
             centred = centred / (r.std(dim=-1, keepdim=True) + epsilon)  # all-equal group: 0 / eps = 0
-    return centred.reshape(-1)  # (N,)
+    return centred.float().reshape(-1)  # (N,)
 
 
 # --------------------------------------------------------------------------- loss aggregation
@@ -119,32 +125,49 @@ def get_loss_agg_mode(name: str | LossAggMode) -> LossAggMode:
 
 
 def agg_loss(loss_mat: Tensor, loss_mask: Tensor, loss_agg_mode: str, norm_len: int | None = None) -> Tensor:
-    """Aggregate a per-token loss into a scalar.
+    """Aggregate a per-token loss into a scalar (verl's ``agg_loss``, same numbers).
 
         token-mean:              sum_{i,t} l*m / sum_{i,t} m          every token weighs the same (DAPO)
         seq-mean-token-sum:      1/S sum_i sum_t l*m                  long answers weigh more
         seq-mean-token-mean:     1/S sum_i (sum_t l*m / sum_t m)      original GRPO: every answer weighs the same
-        seq-mean-token-sum-norm: 1/S sum_i sum_t l*m / norm_len       Dr.GRPO: constant normaliser, norm_len = L
+        seq-mean-token-sum-norm: sum_{i,t} l*m / F                    Dr.GRPO: a constant normaliser F
+                                                                      (verl's ``loss_scale_factor``,
+                                                                      default L = the padded length)
 
     S counts the rows with at least one unmasked token (= N when none is empty): a fully masked row
     contributes nothing and does not dilute the mean (as verl). No unmasked token at all gives 0.
+    seq-mean-token-sum-norm is a sum, not a mean, over sequences (as verl: the name notwithstanding),
+    so its scale grows with the rows per mini-batch; Keel formerly divided by S as well, which is
+    ``norm_len = S * L`` here (``actor_rollout_ref.actor.loss_scale_factor``, docs/integrations.md).
 
     Args:
         loss_mat, loss_mask: (N, L).
+        norm_len: F for seq-mean-token-sum-norm (None: L = loss_mat.shape[-1]); ignored by the others.
     """
     mode = get_loss_agg_mode(loss_agg_mode)
     mask = loss_mask.to(loss_mat.dtype)  # (N, L)
     if mode is LossAggMode.TOKEN_MEAN:
         return masked_mean(loss_mat, mask)
-    tokens_per_seq = mask.sum(dim=-1)  # (N,)
     seq_sum = (loss_mat * mask).sum(dim=-1)  # (N,)
+    if mode is LossAggMode.SEQ_MEAN_TOKEN_SUM_NORM:
+        return seq_sum.sum() / (loss_mat.shape[-1] if norm_len is None else norm_len)
+    tokens_per_seq = mask.sum(dim=-1)  # (N,)
     n_seqs = (tokens_per_seq > 0).sum().clamp(min=1)  # S
     if mode is LossAggMode.SEQ_MEAN_TOKEN_SUM:
         return seq_sum.sum() / n_seqs
-    if mode is LossAggMode.SEQ_MEAN_TOKEN_MEAN:
-        return (seq_sum / tokens_per_seq.clamp(min=1.0)).sum() / n_seqs
-    norm = loss_mat.shape[-1] if norm_len is None else norm_len  # SEQ_MEAN_TOKEN_SUM_NORM
-    return seq_sum.sum() / (n_seqs * norm)
+    return (seq_sum / tokens_per_seq.clamp(min=1.0)).sum() / n_seqs  # SEQ_MEAN_TOKEN_MEAN
+
+
+def agg_count(loss_mask: Tensor, loss_agg_mode: str) -> float | None:
+    """What :func:`agg_loss` averages over: unmasked tokens (token-mean), non-empty rows (seq-mean-*),
+    or None for seq-mean-token-sum-norm, a sum over rows with a constant normaliser.
+
+    Splitting the rows over ranks, rank k's loss times count_k / sum_j count_j sums to the
+    whole-batch loss; with None the per-rank losses already add up to it unscaled."""
+    mode = get_loss_agg_mode(loss_agg_mode)
+    if mode is LossAggMode.SEQ_MEAN_TOKEN_SUM_NORM:
+        return None
+    return float(loss_mask.sum() if mode is LossAggMode.TOKEN_MEAN else (loss_mask.sum(-1) > 0).sum())
 
 
 # --------------------------------------------------------------------------- policy loss
@@ -181,13 +204,14 @@ def compute_policy_loss(
         loss (scalar) and detached scalar metrics (verl names):
         ``actor/pg_loss``; ``actor/pg_clipfrac``: fraction of response tokens where pg2 > pg1;
         ``actor/pg_clipfrac_lower``: fraction of response tokens with A < 0 where the dual clip binds
-        (denominator: all response tokens, as verl); ``actor/ppo_kl``: masked mean of logp_old - logp.
+        (denominator: all response tokens, as verl); ``actor/ppo_kl``: masked mean of logp_old - logp
+        with the log-ratio clamped to [-20, 20] as in the ratio (as verl).
     """
     if advantages.dim() == log_prob.dim() - 1:
         advantages = advantages.unsqueeze(-1)  # (N, 1) broadcasts over L
     advantages = advantages.to(log_prob.dtype)
-    log_ratio = log_prob - old_log_prob  # (N, L)
-    ratio = torch.exp(torch.clamp(log_ratio, -20.0, 20.0))  # (N, L); clamp keeps exp finite
+    log_ratio = torch.clamp(log_prob - old_log_prob, -20.0, 20.0)  # (N, L); clamp keeps exp finite
+    ratio = torch.exp(log_ratio)  # (N, L)
 
     pg1 = -advantages * ratio  # (N, L)
     pg2 = -advantages * torch.clamp(ratio, 1.0 - clip_ratio_low, 1.0 + clip_ratio_high)  # (N, L)

@@ -117,6 +117,8 @@ class ActorConfig:
     kl_loss_type: str = "low_var_kl"
     # token-mean | seq-mean-token-sum | seq-mean-token-mean | seq-mean-token-sum-norm
     loss_agg_mode: str = "token-mean"
+    # seq-mean-token-sum-norm's constant divisor F: loss = sum(l*m) / F (None: data.max_response_length, as verl)
+    loss_scale_factor: int | None = None
     # max gradient norm (<= 0 disables clipping)
     grad_clip: float = 1.0
     # rows of logits turned into entropies at once (bounds fp32 memory)
@@ -484,6 +486,8 @@ def validate(cfg: KeelConfig) -> None:
     _check(a.entropy_coeff >= 0, f"config key 'actor_rollout_ref.actor.entropy_coeff' must be >= 0, got {a.entropy_coeff}")
     _check(a.kl_loss_coef >= 0, f"config key 'actor_rollout_ref.actor.kl_loss_coef' must be >= 0, got {a.kl_loss_coef}")
     _check(a.optim.lr > 0, f"config key 'actor_rollout_ref.actor.optim.lr' must be > 0, got {a.optim.lr}")
+    _check(a.loss_scale_factor is None or a.loss_scale_factor > 0,
+           f"config key 'actor_rollout_ref.actor.loss_scale_factor' must be > 0 or null, got {a.loss_scale_factor}")
     _check(a.clip_ratio_c > 1, f"config key 'actor_rollout_ref.actor.clip_ratio_c' must be > 1, got {a.clip_ratio_c}")
     for name in ("clip_ratio", "clip_ratio_low", "clip_ratio_high"):
         v = getattr(a, name)

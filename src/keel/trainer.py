@@ -228,7 +228,7 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
                                 a.clip_ratio_high if a.clip_ratio_high is not None else a.clip_ratio,
                                 a.clip_ratio_c, a.loss_agg_mode, a.entropy_coeff, a.kl_loss_coef, a.kl_loss_type,
                                 ref_model is not None, r.temperature, a.entropy_chunk_size,
-                                norm_len=cfg.data.max_response_length)
+                                norm_len=a.loss_scale_factor or cfg.data.max_response_length)
     algorithms.get_loss_agg_mode(a.loss_agg_mode), algorithms.get_kl_type(a.kl_loss_type)  # fail early on bad names
     adv_fn = algorithms.get_adv_estimator(cfg.algorithm.adv_estimator)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.model.dtype == "bfloat16")
@@ -382,6 +382,10 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
             else:
                 n_tokens = int(packed.mask.sum())
             step_metrics = {k: _finite_mean(v) for k, v in update_metrics.items()}
+            if algorithms.agg_count(packed.mask[:1], a.loss_agg_mode) is None and step_metrics.get("actor/entropy"):
+                # seq-mean-token-sum-norm is a sum over rows: the whole batch's is the sum of its mini-batches'
+                # (and ranks'), which is what verl logs as actor/entropy
+                step_metrics["actor/entropy"] *= n_mini * d.world
             step_metrics.update(metrics.response_metrics(texts, scores, out.response_lengths,
                                                          cfg.data.max_response_length, G))
             step_metrics.update(metrics.regularizer_balance(step_metrics.get("actor/entropy"),
@@ -510,12 +514,12 @@ def ppo_update(model, lean, optimizer, packed: actor.Packed, advantages: torch.T
                                                   None if ref_logp is None else ref_logp[rows], loss_cfg)
                 if checkpoint.fault_point("loss", step):  # testing aid: a NaN loss
                     loss = loss * float("nan")
-                local = float(mb.mask.sum() if loss_cfg.loss_agg_mode == "token-mean" else (mb.mask.sum(1) > 0).sum())
+                local = algorithms.agg_count(mb.mask, loss_cfg.loss_agg_mode)  # None: a sum, no rescaling
                 finite = bool(torch.isfinite(loss))
-            total = d.sum(local)  # collectives run on every rank, rows or not
+            total = d.sum(local or 0.0)  # collectives run on every rank, rows or not
             finite = d.all_true(finite)
             if finite and loss is not None:
-                (loss * (local / total) if d.enabled else loss).backward()
+                (loss * (local / total) if d.enabled and local is not None else loss).backward()
             if finite:
                 d.sum_grads(model)
                 if checkpoint.fault_point("grad", step):  # testing aid: a NaN gradient
