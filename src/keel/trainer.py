@@ -216,7 +216,7 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
         raise KeelError(f"config key 'data.train_batch_size' ({B}) exceeds the {len(train_rows)} training prompts")
     controller = make_controller(cfg.control, a.entropy_coeff, a.kl_loss_coef if a.use_kl_loss else 0.0)
     # the reference policy is only needed if a KL term can ever be non-zero
-    needs_ref = a.use_kl_loss and (a.kl_loss_coef > 0 or cfg.control.type == "band" or cfg.monitor.action == "rollback")
+    needs_ref = a.use_kl_loss and (a.kl_loss_coef > 0 or cfg.control.type in ("band", "dual") or cfg.monitor.action == "rollback")
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if needs_ref else None
     ref_lean = LeanForward(ref_model) if (ref_model is not None and lean is not None) else None
     # fused: one kernel for all parameters (20.5M: optimizer step 103 -> 26 ms on one CPU thread)
@@ -401,7 +401,7 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
             step_metrics = d.broadcast(step_metrics)  # every rank judges rank 0's numbers: same decisions
             verdict = monitor.observe(step, step_metrics)
             step_metrics.update(monitor.metrics(verdict))
-            controller.update(step, step_metrics.get("actor/entropy"))
+            controller.update(step, step_metrics.get("actor/entropy"), step_metrics.get("actor/kl_loss"))
             # the smoothing and prediction are of this step's entropy: log them with this step, not the next
             step_metrics.update({k: v for k, v in controller.metrics().items()
                                  if k in ("control/entropy_smoothed", "control/entropy_predicted")})
