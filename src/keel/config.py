@@ -93,6 +93,23 @@ class OptimConfig:
 
 
 @dataclass
+class PolicyLossConfig:
+    """verl's ``actor.policy_loss`` (losses in keel/algorithms.py; docs/control.md "Entropy-preserving losses")."""
+
+    # vanilla (PPO clip) | clip_cov | kl_cov (Cui et al. 2025, arXiv 2505.22617)
+    loss_mode: str = "vanilla"
+    # clip_cov: share of response tokens whose gradient is detached, drawn from lb < cov < ub
+    clip_cov_ratio: float = 0.0002
+    clip_cov_lb: float = 1.0
+    clip_cov_ub: float = 5.0
+    # kl_cov: share of response tokens (largest covariance) given the |log-ratio| penalty, and its weight
+    kl_cov_ratio: float = 0.0002
+    ppo_kl_coef: float = 1.0
+    # TRL's top_entropy_quantile rho: only the top-rho share of response tokens by entropy in the policy loss (1 = all)
+    top_entropy_quantile: float = 1.0
+
+
+@dataclass
 class ActorConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     # prompts per optimizer step (each brings rollout.n completions); train_batch_size / this = updates per epoch
@@ -121,6 +138,8 @@ class ActorConfig:
     grad_clip: float = 1.0
     # rows of logits turned into entropies at once (bounds fp32 memory)
     entropy_chunk_size: int = 4096
+    # the policy-gradient term: loss_mode and its knobs
+    policy_loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
 
 
 @dataclass
@@ -498,6 +517,13 @@ def validate(cfg: KeelConfig) -> None:
     for name in ("clip_ratio", "clip_ratio_low", "clip_ratio_high"):
         v = getattr(a, name)
         _check(v is None or v >= 0, f"config key 'actor_rollout_ref.actor.{name}' must be >= 0, got {v}")
+    pl = a.policy_loss
+    _check(0 < pl.clip_cov_ratio <= 1 and 0 < pl.kl_cov_ratio <= 1,
+           "config keys 'actor_rollout_ref.actor.policy_loss.clip_cov_ratio' / 'kl_cov_ratio' must be in (0, 1]")
+    _check(pl.clip_cov_lb < pl.clip_cov_ub, "config key 'actor_rollout_ref.actor.policy_loss.clip_cov_lb' must be < clip_cov_ub")
+    _check(pl.ppo_kl_coef >= 0, f"config key 'actor_rollout_ref.actor.policy_loss.ppo_kl_coef' must be >= 0, got {pl.ppo_kl_coef}")
+    _check(0 < pl.top_entropy_quantile <= 1, "config key 'actor_rollout_ref.actor.policy_loss.top_entropy_quantile' "
+           f"must be in (0, 1], got {pl.top_entropy_quantile}")
     _check(a.ppo_epochs >= 1, f"config key 'actor_rollout_ref.actor.ppo_epochs' must be >= 1, got {a.ppo_epochs}")
     _check(a.ppo_mini_batch_size >= 1, "config key 'actor_rollout_ref.actor.ppo_mini_batch_size' must be >= 1")
     _check(

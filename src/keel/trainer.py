@@ -228,8 +228,9 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
                                 a.clip_ratio_high if a.clip_ratio_high is not None else a.clip_ratio,
                                 a.clip_ratio_c, a.loss_agg_mode, a.entropy_coeff, a.kl_loss_coef, a.kl_loss_type,
                                 ref_model is not None, r.temperature, a.entropy_chunk_size,
-                                norm_len=cfg.data.max_response_length)
+                                norm_len=cfg.data.max_response_length, policy_loss=a.policy_loss)
     algorithms.get_loss_agg_mode(a.loss_agg_mode), algorithms.get_kl_type(a.kl_loss_type)  # fail early on bad names
+    algorithms.get_policy_loss(a.policy_loss.loss_mode)
     adv_fn = algorithms.get_adv_estimator(cfg.algorithm.adv_estimator)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.model.dtype == "bfloat16")
 
