@@ -84,6 +84,24 @@ def test_earliest_problem_names_the_outcome(tmp_path):
     assert classify_outcome(run, 0) == ("Diverged", 4)
 
 
+def test_task_score_regression_is_its_own_outcome(tmp_path):
+    # every proxy healthy, the training score falls 0.6 -> 0.3 at step 6: the embedded score rule (EMA 0.8,
+    # > 0.1 below its best for 10 steps) calls it: k steps after the fall the gap is 0.3 (1 - 0.8^k) > 0.1 from
+    # k = 2 (step 7, 0.3 x 0.36 = 0.108): bad at step 16
+    run = write_trace(tmp_path / "r", 25)
+    with open(run / "metrics.jsonl", "w") as f:
+        for step in range(1, 26):
+            f.write(json.dumps({"step": step, **HEALTHY, "critic/score/mean": 0.6 if step < 6 else 0.3}) + "\n")
+    assert classify_outcome(run, 0, rules="embedded") == ("Regressed", 16)
+    # held-out accuracy below its first evaluation (val/accuracy every 10 steps) = Regressed at that evaluation
+    with open(run / "metrics.jsonl", "w") as f:
+        for step in range(1, 31):
+            val = {10: 0.43, 20: 0.44, 30: 0.39}.get(step)
+            f.write(json.dumps({"step": step, **HEALTHY, "critic/score/mean": 0.6,
+                                **({"val/accuracy": val} if val else {})}) + "\n")
+    assert classify_outcome(run, 0, rules="embedded") == ("Regressed", 30)
+
+
 def test_exit_codes(tmp_path):
     run = write_trace(tmp_path / "r", 7)
     assert classify_outcome(run, 4) == ("Diverged", 7)  # the non-finite guard
@@ -100,10 +118,9 @@ def test_exit_codes(tmp_path):
 
 
 def test_rules_argument_and_run_config_pick_the_rule_set(tmp_path):
-    # the lab log's V1 "Too random (8.0)" on the Qwen3 scale; the lablog rules judge entropy from step 100
+    # the lab log's V1 "Too random (8.0)" on the Qwen3 scale; lablog judges its bad ranges after 10 settling steps
     run = write_trace(tmp_path / "r", 110, **{"actor/entropy": (1, 8.0), "response_length/pos/mean": (1, 900.0)})
-    outcome, step = classify_outcome(run, None, rules="lablog")
-    assert outcome == "Too random" and step >= 100
+    assert classify_outcome(run, None, rules="lablog") == ("Too random", 14)  # bad steps 10..14
     assert classify_outcome(run, None) == ("Too random", 9)  # the run's own RULES: bad > 1.0 from step 5
     (run / "config.yaml").write_text(yaml.safe_dump({"monitor": {"rules": "lablog", "extra_rules": [
         {"metric": "actor/entropy", "good": [3.0, 6.0], "bad": [[None, 1.0], [9.0, None]]}]}}))

@@ -14,6 +14,7 @@ states that predict response tokens go through the LM head.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -185,6 +186,7 @@ class LossConfig:
     temperature: float
     entropy_chunk_size: int
     norm_len: int | None = None
+    policy_loss: Any = None  # config.PolicyLossConfig (None: vanilla)
 
 
 def grpo_loss(model, lean, packed: Packed, advantages: torch.Tensor, old_logp: torch.Tensor | None,
@@ -204,9 +206,14 @@ def grpo_loss(model, lean, packed: Packed, advantages: torch.Tensor, old_logp: t
     mask = packed.mask[:, :r]
     old = logp.detach() if old_logp is None else old_logp[:, :r]
     adv = advantages[:, None].expand(-1, r)  # (N, r)
-    pg_loss, pg_metrics = algorithms.compute_policy_loss(
-        logp, old, adv, mask, lc.clip_ratio_low, lc.clip_ratio_high, lc.clip_ratio_c, lc.loss_agg_mode, lc.norm_len
-    )
+    pl = lc.policy_loss
+    if pl is not None and pl.top_entropy_quantile < 1.0:  # A_t * keep_t: only high-entropy tokens get a gradient
+        adv = adv * algorithms.high_entropy_mask(ent, mask, pl.top_entropy_quantile)
+    knobs = algorithms.PolicyLossKnobs(lc.clip_ratio_low, lc.clip_ratio_high, lc.clip_ratio_c, **(
+        {} if pl is None else {k: getattr(pl, k) for k in ("clip_cov_ratio", "clip_cov_lb", "clip_cov_ub",
+                                                             "kl_cov_ratio", "ppo_kl_coef")}))
+    policy_loss = algorithms.get_policy_loss("vanilla" if pl is None else pl.loss_mode)
+    pg_loss, pg_metrics = policy_loss(logp, old, adv, mask, lc.loss_agg_mode, lc.norm_len, knobs)
     entropy = algorithms.agg_loss(ent, mask, lc.loss_agg_mode, lc.norm_len)
     loss = pg_loss - lc.entropy_coeff * entropy
     metrics = {k: float(v) for k, v in pg_metrics.items()}

@@ -93,6 +93,23 @@ class OptimConfig:
 
 
 @dataclass
+class PolicyLossConfig:
+    """verl's ``actor.policy_loss`` (losses in keel/algorithms.py; docs/control.md "Entropy-preserving losses")."""
+
+    # vanilla (PPO clip) | clip_cov | kl_cov (Cui et al. 2025, arXiv 2505.22617)
+    loss_mode: str = "vanilla"
+    # clip_cov: share of response tokens whose gradient is detached, drawn from lb < cov < ub
+    clip_cov_ratio: float = 0.0002
+    clip_cov_lb: float = 1.0
+    clip_cov_ub: float = 5.0
+    # kl_cov: share of response tokens (largest covariance) given the |log-ratio| penalty, and its weight
+    kl_cov_ratio: float = 0.0002
+    ppo_kl_coef: float = 1.0
+    # TRL's top_entropy_quantile rho: only the top-rho share of response tokens by entropy in the policy loss (1 = all)
+    top_entropy_quantile: float = 1.0
+
+
+@dataclass
 class ActorConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     # prompts per optimizer step (each brings rollout.n completions); train_batch_size / this = updates per epoch
@@ -123,6 +140,8 @@ class ActorConfig:
     grad_clip: float = 1.0
     # rows of logits turned into entropies at once (bounds fp32 memory)
     entropy_chunk_size: int = 4096
+    # the policy-gradient term: loss_mode and its knobs
+    policy_loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
 
 
 @dataclass
@@ -220,7 +239,7 @@ class MonitorConfig:
 
 @dataclass
 class ControlConfig:
-    # entropy controller: fixed | floor | band (equations in keel/control.py and docs/control.md)
+    # entropy controller: fixed | floor | band | dual (equations in keel/control.py and docs/control.md)
     type: str = "fixed"
     # floor: the entropy target (nats); the bonus applies only below it (default: the embedded band's centre)
     target_entropy: float = 0.12
@@ -256,6 +275,16 @@ class ControlConfig:
     max_kl_coef: float = 1.0
     # steps before the floor/band controllers move the coefficients
     warmup_steps: int = 0
+    # dual: the entropy band is [rel_low, rel_high] x H_0, H_0 = the first step's entropy (the reference policy's),
+    # so no number of it is task-specific; the band PI gains (ki, kp, ema, horizon, deadband) apply as for band
+    rel_low: float = 0.5
+    rel_high: float = 1.5
+    # dual: the KL budget, nats/token of actor/kl_loss; kl_coef adapts (Ziegler et al. 2019) to hold KL under it:
+    # kl_coef <- clip(kl_coef * (1 + kl_adapt_gain * clip(KL / kl_target - 1, -0.2, 0.2)), kl_floor, max_kl_coef)
+    kl_target: float = 0.1
+    kl_adapt_gain: float = 1.0
+    # dual: the smallest kl_coef (a multiplicative rule cannot grow from 0)
+    kl_floor: float = 0.001
     # monitor.action=rollback: after a collapse (low) rollback entropy_coeff <- max(2c, c + this)
     rollback_entropy_step: float = 0.05
     # after an over-random / KL-high (high) rollback kl_coef <- max(2k, k + this), and entropy_coeff halves
@@ -492,6 +521,13 @@ def validate(cfg: KeelConfig) -> None:
     for name in ("clip_ratio", "clip_ratio_low", "clip_ratio_high"):
         v = getattr(a, name)
         _check(v is None or v >= 0, f"config key 'actor_rollout_ref.actor.{name}' must be >= 0, got {v}")
+    pl = a.policy_loss
+    _check(0 < pl.clip_cov_ratio <= 1 and 0 < pl.kl_cov_ratio <= 1,
+           "config keys 'actor_rollout_ref.actor.policy_loss.clip_cov_ratio' / 'kl_cov_ratio' must be in (0, 1]")
+    _check(pl.clip_cov_lb < pl.clip_cov_ub, "config key 'actor_rollout_ref.actor.policy_loss.clip_cov_lb' must be < clip_cov_ub")
+    _check(pl.ppo_kl_coef >= 0, f"config key 'actor_rollout_ref.actor.policy_loss.ppo_kl_coef' must be >= 0, got {pl.ppo_kl_coef}")
+    _check(0 < pl.top_entropy_quantile <= 1, "config key 'actor_rollout_ref.actor.policy_loss.top_entropy_quantile' "
+           f"must be in (0, 1], got {pl.top_entropy_quantile}")
     _check(a.ppo_epochs >= 1, f"config key 'actor_rollout_ref.actor.ppo_epochs' must be >= 1, got {a.ppo_epochs}")
     _check(a.ppo_mini_batch_size >= 1, "config key 'actor_rollout_ref.actor.ppo_mini_batch_size' must be >= 1")
     _check(
@@ -520,7 +556,15 @@ def validate(cfg: KeelConfig) -> None:
         f"config key 'actor_rollout_ref.model.dtype' must be float32 or bfloat16, got {cfg.model.dtype!r}",
     )
     _check(cfg.monitor.action in ("log", "stop", "rollback"), f"config key 'monitor.action' must be log, stop or rollback, got {cfg.monitor.action!r}")
-    _check(cfg.control.type in ("fixed", "floor", "band"), f"config key 'control.type' must be fixed, floor or band, got {cfg.control.type!r}")
+    _check(cfg.control.type in ("fixed", "floor", "band", "dual"),
+           f"config key 'control.type' must be fixed, floor, band or dual, got {cfg.control.type!r}")
+    _check(0 < cfg.control.rel_low < 1 < cfg.control.rel_high,
+           f"config keys 'control.rel_low' / 'control.rel_high' must satisfy 0 < rel_low < 1 < rel_high, "
+           f"got {cfg.control.rel_low} / {cfg.control.rel_high}")
+    _check(cfg.control.kl_target > 0 and cfg.control.kl_floor > 0 and cfg.control.kl_adapt_gain > 0,
+           "config keys 'control.kl_target', 'control.kl_floor' and 'control.kl_adapt_gain' must be > 0")
+    _check(cfg.control.type != "dual" or cfg.actor_rollout_ref.actor.use_kl_loss,
+           "config key 'control.type' is dual, which adapts the KL loss: set actor_rollout_ref.actor.use_kl_loss=true")
     _check(cfg.control.low < cfg.control.high, "config keys 'control.low' must be < 'control.high'")
     _check(cfg.control.low > 0, f"config key 'control.low' must be > 0 (entropy in nats), got {cfg.control.low}")
     _check(0 < cfg.control.deadband_decay <= 1,

@@ -3,7 +3,8 @@
 Every run is one ``keel train`` process in SWEEP_DIR/runs/<name>/, ``n_jobs`` at a time. When it
 ends, it gets an **outcome** from its exit code and the health rules replayed over its metrics (the
 lab log's table, generated): Stable, Collapsed (bad on the low side: entropy, or connectives / rewarded
-length), Too random (entropy bad-high), Diverged (KL bad-high, a non-finite loss, exit 4), Pruned (by
+length), Too random (entropy bad-high), Diverged (KL bad-high, a non-finite loss, exit 4), Regressed (a
+task-score rule: the training score well below its own best, or held-out accuracy below its start), Pruned (by
 the Optuna pruner), Stopped early (ended early, no health verdict explains it), Failed (crashed or
 rejected its config: exit code and last error line kept). The earliest problem (by step) names it.
 
@@ -47,6 +48,7 @@ class Outcome(str, Enum):
     COLLAPSED = "Collapsed"
     TOO_RANDOM = "Too random"
     DIVERGED = "Diverged"
+    REGRESSED = "Regressed"
     PRUNED = "Pruned"
     STOPPED_EARLY = "Stopped early"
     FAILED = "Failed"
@@ -88,7 +90,10 @@ def _run_rules(run_dir: Path, rules: list[Rule] | str | None) -> list[Rule]:
 
 
 def side_outcome(failing: Failing) -> Outcome:
-    """The rule failing at the first bad step -> KL high: Diverged; else low: Collapsed, high: Too random."""
+    """The rule failing at the first bad step -> a task-score rule: Regressed; KL high: Diverged; else low:
+    Collapsed, high: Too random."""
+    if failing.kind == "score":
+        return Outcome.REGRESSED
     if "kl" in failing.metric.lower() and failing.direction != "low":
         return Outcome.DIVERGED
     return Outcome.COLLAPSED if failing.direction == "low" else Outcome.TOO_RANDOM
@@ -601,7 +606,7 @@ def _finish(spec: SweepSpec, job: Job, study, log) -> dict:
         if outcome == Outcome.STABLE and value is None:
             record["note"] = f"objective '{spec.optuna.objective}' was not logged"
         state = (TrialState.COMPLETE if value is not None else TrialState.PRUNED
-                 if outcome in (Outcome.PRUNED, Outcome.COLLAPSED, Outcome.TOO_RANDOM, Outcome.DIVERGED)
+                 if outcome in (Outcome.PRUNED, Outcome.COLLAPSED, Outcome.TOO_RANDOM, Outcome.DIVERGED, Outcome.REGRESSED)
                  else TrialState.FAIL)
         job.run.trial.set_user_attr("record", record)
         job.run.trial.set_user_attr("row", summary_row(spec, job.run_dir, record))
