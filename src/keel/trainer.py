@@ -204,6 +204,43 @@ def config_changes(saved_path: Path, cfg: KeelConfig) -> list[str]:
             for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
 
 
+def check_resumed_state(saved: dict, ckpt: checkpoint.Checkpoint, controller=None) -> dict:
+    """The trainer section of a checkpoint's state.json, its contents checked (a hash only proves it is unchanged
+    since the manifest was written, not that it is a state this trainer wrote)."""
+    where = f"checkpoint {ckpt.path}: state.json"
+    if not isinstance(saved, dict) or not all(isinstance(saved.get(k), dict) for k in ("trainer", "controller", "monitor")):
+        raise KeelError(f"{where} must hold 'trainer', 'controller' and 'monitor' objects; was it edited?")
+    st = saved["trainer"]
+
+    def count(key: str, low: int = 0) -> bool:
+        v = st.get(key, 0)
+        return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+    if st.get("step") != ckpt.step or not count("step"):
+        raise KeelError(f"{where} 'trainer.step' is {st.get('step')!r} but the checkpoint is of step {ckpt.step}; "
+                        "was it edited?")
+    for key in ("nonfinite_skips", "nonfinite_in_row", "rollbacks"):
+        if not count(key):
+            raise KeelError(f"{where} 'trainer.{key}' must be an integer >= 0, got {st.get(key)!r}; was it edited?")
+    good = st.get("last_good_ckpt_step")
+    if good is not None and not (isinstance(good, int) and not isinstance(good, bool) and 0 <= good <= ckpt.step):
+        raise KeelError(f"{where} 'trainer.last_good_ckpt_step' must be null or a step <= {ckpt.step}, got {good!r}")
+    before = st.get("eval_before")
+    if before is not None and not isinstance(before, dict):
+        raise KeelError(f"{where} 'trainer.eval_before' must be null or an object, got {before!r}; was it edited?")
+    current = vars(controller) if controller is not None else {}
+    for key, value in saved["controller"].items():  # numbers stay finite numbers (coefficients, integrators)
+        if isinstance(current.get(key), (int, float)) and not isinstance(current.get(key), bool) and not (
+                isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)):
+            raise KeelError(f"{where} 'controller.{key}' must be a finite number, got {value!r}; was it edited?")
+    mon = saved["monitor"]
+    verdicts = ("good", "watch", "bad")
+    if mon.get("overall", "good") not in verdicts or not all(v in verdicts for v in (mon.get("prev") or {}).values()) \
+            or not all(isinstance(v, int) and v >= 0 for v in (mon.get("streak") or {}).values()):
+        raise KeelError(f"{where} 'monitor' holds verdicts other than good/watch/bad or negative streaks; was it edited?")
+    return st
+
+
 def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
     a, r, t = cfg.actor, cfg.rollout, cfg.trainer
     set_threads(t.num_threads)
@@ -253,9 +290,13 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
     resumed = checkpoint.find_latest(run_dir) if t.resume == "auto" else None
     if resumed is not None:
         saved = checkpoint.load_checkpoint(resumed, model, optimizer)
-        state.update(saved["trainer"])
-        controller.load_state_dict(saved["controller"])
-        monitor.load_state_dict(saved["monitor"])
+        state.update(check_resumed_state(saved, resumed, controller))
+        try:
+            controller.load_state_dict(saved["controller"])
+            monitor.load_state_dict(saved["monitor"])
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+            raise KeelError(f"checkpoint {resumed.path}: state.json holds no valid controller/monitor state "
+                            f"({type(e).__name__}: {e}); was it edited?") from None
         log(f"resumed from {resumed.path} (step {state['step']})")
         changed = config_changes(run_dir / "config.yaml", cfg)
         if changed:  # allowed (e.g. more steps, another logger), but the replay is then no longer the same run
