@@ -473,3 +473,33 @@ def test_monitor_never_calls_non_finite_or_unusable_metrics_good(tmp_path, capsy
     assert monitor_main([str(f)]) == 0
     table = capsys.readouterr().out
     assert ("BAD" if overall else "no usable values") in table and "GOOD" not in table
+
+
+MID_RUN = '''
+import sys, time
+
+def sleeps(prompts, completions, **kwargs):
+    time.sleep(40)
+    return [1.0] * len(completions)
+
+def exits(prompts, completions, **kwargs):
+    sys.exit(0)
+'''
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("sleeps", "reward function 'sleeps' timed out on every sample of 2 batches in a row (reward.batch_timeout_s=0.5)"),
+    ("exits", "reward function 'exits' failed on every sample of 2 batches in a row (last error RewardExit: raised "
+              "SystemExit(0))"),
+])
+def test_a_hanging_or_exiting_reward_function_stops_the_run_with_one_line(w, tmp_path, capsys, name, expected):
+    """Before: a 40 s sleep hung the trainer; sys.exit(0) ended the run with exit 0, no message, no checkpoint."""
+    (tmp_path / "mid_run.py").write_text(MID_RUN)
+    t0 = __import__("time").monotonic()
+    code = cli.main(argv(w, tmp_path / "run", DEMO, [f"reward.functions=[{{{{name: '{tmp_path}/mid_run.py:{name}'}}}}]",
+                                                     "reward.batch_timeout_s=0.5", "reward.max_failed_batches=2",
+                                                     "trainer.total_training_steps=4"]))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == EXIT_BAD_INPUT and len(lines) == 1 and lines[0].startswith("keel: error: "), lines
+    assert expected in lines[0]
+    assert __import__("time").monotonic() - t0 < 30
