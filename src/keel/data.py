@@ -251,7 +251,7 @@ def load_rows(files: str | list[str], cfg: DataConfig) -> tuple[list[PromptRow],
             raise KeelError(f"data file '{path}': {e}") from None
         answer_key = _trl_answer_key(columns, cfg) if fmt is DataFormat.TRL else None
         answers = [str(r.get("answer")) for _, r in records if isinstance(r, dict) and r.get("answer") is not None]
-        if fmt is DataFormat.GSM8K and cfg.format == "auto" and answers and all(
+        if fmt is DataFormat.GSM8K and cfg.format == "auto" and not cfg.skip_invalid and answers and all(
                 len(a.split()) == 1 and "####" not in a for a in answers):  # bare final answers, not solutions
             raise KeelError(f"data file '{path}': columns question + answer look like GSM8K, but no 'answer' has a "
                             "'#### <gold>' line; for plain answers (AIME style) name the question column 'problem', "
