@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--vocab-size", type=int, default=512)
     sp.add_argument("--hidden", type=int, default=64)
     sp.add_argument("--layers", type=int, default=2)
-    sp.add_argument("--heads", type=int, default=4)
+    sp.add_argument("--heads", type=int, default=2, help="attention heads (head_dim = hidden/heads; default 32)")
     sp.add_argument("--mlp", type=int, default=128)
     sp.add_argument("--seed", type=int, default=0)
     sp.set_defaults(fn=cmd_tiny_model)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -216,6 +217,9 @@ class RewardConfig:
     overlong_penalty_factor: float = 1.0
     # seconds allowed for one math-verify call
     timeout_s: float = 5.0
+    # seconds one reward function may take to score a whole batch (a custom function's calls, or all of a batch's
+    # math-verify calls); the samples left unscored score 0 and count in reward/timeouts
+    batch_timeout_s: float = 60.0
 
 
 @dataclass
@@ -403,13 +407,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise KeelError(f"config key '{key}' must be an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None and not math.isfinite(number):  # .inf / .nan are never a usable setting
+            raise KeelError(f"config key '{key}' must be a finite number, got {value!r}")
+        if number is not None:
+            return number
         raise KeelError(f"config key '{key}' must be a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
@@ -466,17 +475,24 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def read_yaml(path: str | Path) -> dict:
+def read_yaml(path: str | Path, empty_ok: bool = True) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise KeelError(f"config file '{path}' is a directory, not a YAML file")
     if not path.is_file():
         raise KeelError(f"config file '{path}' does not exist")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise KeelError(f"config file '{path}' is not UTF-8 text (byte {e.start}: {e.reason})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise KeelError(f"config file '{path}'{where}: malformed YAML ({problem})") from None
+    if raw is None and not empty_ok:  # a user who names a file expects its settings, not every default
+        raise KeelError(f"config file '{path}' is empty (no settings); give a config with its sections, "
+                        "e.g. configs/demo.yaml")
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -486,7 +502,7 @@ def read_yaml(path: str | Path) -> dict:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> KeelConfig:
     """Read YAML (optional), apply dotted overrides, validate keys, types and ranges."""
-    raw = read_yaml(path) if path is not None else {}
+    raw = read_yaml(path, empty_ok=False) if path is not None else {}
     raw.pop("defaults", None)  # tolerated for Hydra-style files
     raw = apply_overrides(raw, list(overrides or []))
     cfg = _build(KeelConfig, raw, "")
@@ -570,6 +586,56 @@ def validate(cfg: KeelConfig) -> None:
     _check(0 < cfg.control.deadband_decay <= 1,
            f"config key 'control.deadband_decay' must be in (0, 1], got {cfg.control.deadband_decay}")
     _check(0 <= cfg.control.deadband < 1, f"config key 'control.deadband' must be in [0, 1), got {cfg.control.deadband}")
+    _validate_ranges(cfg)
     bad = [x for x in t.logger if x not in ("console", "jsonl", "tensorboard", "wandb", "mlflow")]
     _check(not bad, f"config key 'trainer.logger' has unknown logger(s) {bad}; valid: console, jsonl, tensorboard, wandb, mlflow")
     # names of estimators / losses are checked against their registries where they are looked up
+
+
+def _validate_ranges(cfg: KeelConfig) -> None:
+    """Ranges of the numeric keys the checks above do not cover: all of them are checked before the first step."""
+    a, r, d, t, rw, c = cfg.actor, cfg.rollout, cfg.data, cfg.trainer, cfg.reward, cfg.control
+    o = a.optim
+    betas = o.betas
+    _check(len(betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
+                                   for b in betas),
+           f"config key 'actor_rollout_ref.actor.optim.betas' must be two numbers in [0, 1), got {betas!r}")
+    ranges = [  # (key, value, lowest allowed, lowest is allowed itself)
+        ("actor_rollout_ref.actor.optim.weight_decay", o.weight_decay, 0, True),
+        ("actor_rollout_ref.actor.optim.lr_warmup_steps", o.lr_warmup_steps, 0, True),
+        ("actor_rollout_ref.actor.entropy_chunk_size", a.entropy_chunk_size, 1, True),
+        ("actor_rollout_ref.rollout.gpu_memory_utilization", r.gpu_memory_utilization, 0, False),
+        ("actor_rollout_ref.rollout.kv_cache_memory_bytes", r.kv_cache_memory_bytes, 1, True),
+        ("data.max_prompt_length", d.max_prompt_length, 1, True),
+        ("data.val_size", d.val_size, 0, True),
+        ("task.digits", cfg.task.digits, 1, True),
+        ("task.n_heldout", cfg.task.n_heldout, 1, True),
+        ("reward.overlong_buffer_len", rw.overlong_buffer_len, 0, True),
+        ("reward.overlong_penalty_factor", rw.overlong_penalty_factor, 0, True),
+        ("reward.timeout_s", rw.timeout_s, 0, False),
+        ("reward.batch_timeout_s", rw.batch_timeout_s, 0, False),
+        ("monitor.max_rollbacks", cfg.monitor.max_rollbacks, 0, True),
+        ("trainer.max_ckpt_to_keep", t.max_ckpt_to_keep, 1, True),
+        ("trainer.max_nonfinite_in_row", t.max_nonfinite_in_row, 1, True),
+        ("trainer.num_threads", t.num_threads, 0, True),
+        ("trainer.n_samples_logged", t.n_samples_logged, 0, True),
+        ("sft.steps", cfg.sft.steps, 0, True),
+        ("sft.batch_size", cfg.sft.batch_size, 1, True),
+        ("sft.lr", cfg.sft.lr, 0, False),
+        ("sft.slip_prob", cfg.sft.slip_prob, 0, True),
+    ]
+    ranges += [(f"control.{k}", getattr(c, k), 0, True) for k in (
+        "target_entropy", "delta", "ki", "kp", "ema", "horizon", "kl_gain", "kl_step", "kl_decay", "min_entropy_coeff",
+        "max_entropy_coeff", "min_kl_coef", "max_kl_coef", "warmup_steps", "rollback_entropy_step", "rollback_kl_step")]
+    for key, value, low, closed in ranges:
+        ok = value >= low if closed else value > low
+        _check(ok, f"config key '{key}' must be {'>=' if closed else '>'} {low}, got {value}")
+    for key, value in (("actor_rollout_ref.rollout.gpu_memory_utilization", r.gpu_memory_utilization),
+                       ("sft.slip_prob", cfg.sft.slip_prob), ("control.ema", c.ema), ("control.kl_decay", c.kl_decay)):
+        _check(value <= 1, f"config key '{key}' must be <= 1, got {value}")
+    _check(c.min_entropy_coeff <= c.max_entropy_coeff,
+           "config keys 'control.min_entropy_coeff' must be <= 'control.max_entropy_coeff'")
+    _check(c.min_kl_coef <= c.max_kl_coef, "config keys 'control.min_kl_coef' must be <= 'control.max_kl_coef'")
+    device = t.device
+    _check(device in ("cpu", "cuda", "auto") or (device.startswith("cuda:") and device[5:].isdigit()),
+           f"config key 'trainer.device' must be cpu, cuda, cuda:<index> or auto, got {device!r}")

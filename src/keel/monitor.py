@@ -618,8 +618,18 @@ def summarize(metrics_path_or_run_dir: str | Path, rules: list[Rule] | str | Non
                    "latest_step": None, "verdict": None, "reason": None, "at_checkpoints": {},
                    "first_warning_step": None, "first_bad_step": None} for r in monitor.rules}
     last = None
+    nonfinite: dict[str, tuple[int, Any]] = {}  # rule id -> (step, value) while its metric's latest value is NaN/inf
+    usable = 0  # finite numbers seen for any watched metric
     for step, m in records:
         last = monitor.observe(step, m)
+        for rule in monitor.rules:
+            if rule.metric in m:
+                raw = m[rule.metric]
+                usable += _value(raw) is not None
+                if _value(raw) is not None:
+                    nonfinite.pop(rule.id, None)
+                elif _nonfinite(raw):
+                    nonfinite[rule.id] = (nonfinite.get(rule.id, (step,))[0], raw)  # since the streak's first step
         for rid, rv in last.per_rule.items():
             row = rows[rid]
             if rv.value is not None:
@@ -630,14 +640,47 @@ def summarize(metrics_path_or_run_dir: str | Path, rules: list[Rule] | str | Non
                 row["first_bad_step"] = step
             if step in ckpts:
                 row["at_checkpoints"][str(step)] = {"value": rv.value, "verdict": rv.verdict}
+    overall, reason = (last.overall, last.reason) if last else (None, None)
+    failing = asdict(last.failing_rule) if last and last.failing_rule else None
+    first_warning, first_bad = monitor.first_warning_step, monitor.first_bad_step
+    for rid, (step, raw) in nonfinite.items():  # a NaN / inf metric is not healthy, whatever the rules say
+        row = rows[rid]
+        why = f"{row['metric']} is {_nonfinite_text(raw)} (non-finite) since step {step}"
+        row.update(verdict="bad", reason=why)
+        row["first_warning_step"] = row["first_warning_step"] or step
+        row["first_bad_step"] = row["first_bad_step"] or step
+        if overall != "bad":
+            overall, reason = "bad", why
+            failing = {"rule": rid, "metric": row["metric"], "direction": None, "verdict": "bad"}
+        first_warning = min(first_warning or step, step)
+        first_bad = min(first_bad or step, step)
+    if records and not usable and not nonfinite:
+        watched = sorted({r.metric for r in monitor.rules})
+        overall, reason = None, (f"no usable values: the watched metrics ({', '.join(watched)}) are missing or "
+                                 "not numbers in every step")
     return {
         "path": str(metrics_path_or_run_dir), "metrics_file": str(metrics_file), "rule_set": rule_set,
         "steps": len(records), "last_step": records[-1][0] if records else None, "checkpoints": ckpts,
-        "overall": last.overall if last else None, "reason": last.reason if last else None,
-        "failing_rule": asdict(last.failing_rule) if last and last.failing_rule else None,
-        "first_warning_step": monitor.first_warning_step, "first_bad_step": monitor.first_bad_step,
+        "overall": overall, "reason": reason, "failing_rule": failing,
+        "first_warning_step": first_warning, "first_bad_step": first_bad,
         "rules": list(rows.values()),
     }
+
+
+def _nonfinite(x: Any) -> bool:
+    """NaN / ±inf, as a JSON number (NaN, Infinity) or as a string ("nan", "inf")."""
+    if isinstance(x, bool):
+        return False
+    if isinstance(x, str):
+        try:
+            x = float(x.strip())
+        except ValueError:
+            return False
+    return isinstance(x, (int, float)) and not math.isfinite(x)
+
+
+def _nonfinite_text(x: Any) -> str:
+    return repr(x) if isinstance(x, str) else str(x)
 
 
 # --------------------------------------------------------------------------- keel monitor
@@ -652,7 +695,8 @@ def render_table(summary: dict):
 
     overall = summary["overall"]
     title = Text.assemble(f"{summary['path']}  ·  rules: {summary['rule_set']}  ·  step {summary['last_step']}  ·  overall ",
-                          (str(overall).upper() if overall else "no steps yet", _STYLE[overall]))
+                          (str(overall).upper() if overall else "no usable values" if summary["steps"] else
+                           "no steps yet", _STYLE[overall]))
     firsts = f"first warning: step {summary['first_warning_step']}  ·  first bad: step {summary['first_bad_step']}"
     caption = f"{summary['reason']}\n{firsts}" if summary["reason"] else firsts
     table = Table(title=title, caption=caption)

@@ -15,6 +15,7 @@ import torch
 
 from keel.config import DataConfig
 from keel.data import load_rows
+from keel.errors import KeelError
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -40,13 +41,28 @@ def build_bpe_tokenizer(texts: list[str], vocab_size: int = 512):
     return fast
 
 
+# head_dim = hidden / heads: 64 / 2 = 32, a size every rollout backend runs (vLLM's CPU attention has no kernel
+# for head_dim 16, the old default 64 / 4)
+DEFAULT_HEADS = 2
+
+
 def make_tiny_model_dir(out: str | Path, data_files: str | list[str], vocab_size: int = 512, hidden: int = 64,
-                        layers: int = 2, heads: int = 4, mlp: int = 128, seed: int = 0, max_rows: int = 2000) -> Path:
+                        layers: int = 2, heads: int = DEFAULT_HEADS, mlp: int = 128, seed: int = 0,
+                        max_rows: int = 2000) -> Path:
     """Write a random-init tiny Qwen3 + a tokenizer trained on the prompts/answers of `data_files`."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     from keel.checkpoint import save_hf_model
 
+    for flag, value in (("--vocab-size", vocab_size), ("--hidden", hidden), ("--layers", layers), ("--heads", heads),
+                        ("--mlp", mlp)):
+        if value < 1:
+            raise KeelError(f"keel tiny-model {flag} must be >= 1, got {value}")
+    if hidden % heads or (hidden // heads) % 2:
+        raise KeelError(f"keel tiny-model --hidden {hidden} must be an even multiple of --heads {heads} "
+                        f"(head_dim = hidden / heads must be a whole, even number for rotary embeddings)")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise KeelError(f"keel tiny-model output '{out}' is an existing file")
     rows, _ = load_rows(data_files, DataConfig(skip_invalid=True))
     texts = []
     for row in rows[:max_rows]:

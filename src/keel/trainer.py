@@ -35,6 +35,7 @@ from keel.errors import KeelError
 from keel.evaluate import evaluate
 from keel.modeling import LeanForward, build_embedded, count_parameters, load_model_and_tokenizer
 from keel.monitor import Monitor, load_rules
+from keel.nonfinite import LastFinite, weights_finite
 from keel.rewards import build_reward
 from keel.tasks import DATA_SOURCE, TASK_ALPHABET, split_problems
 from keel.tracking import Tracker, flatten
@@ -110,6 +111,8 @@ def load_prompts(cfg: KeelConfig, tokenizer) -> tuple[list, list, list, list, di
 
 def make_run_dir(cfg: KeelConfig) -> Path:
     t = cfg.trainer
+    if t.run_dir and Path(t.run_dir).exists() and not Path(t.run_dir).is_dir():
+        raise KeelError(f"config key 'trainer.run_dir' ('{t.run_dir}') is an existing file, not a directory")
     if t.run_dir:
         return Path(t.run_dir)
     root = Path(t.default_local_dir)
@@ -201,6 +204,43 @@ def config_changes(saved_path: Path, cfg: KeelConfig) -> list[str]:
             for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
 
 
+def check_resumed_state(saved: dict, ckpt: checkpoint.Checkpoint, controller=None) -> dict:
+    """The trainer section of a checkpoint's state.json, its contents checked (a hash only proves it is unchanged
+    since the manifest was written, not that it is a state this trainer wrote)."""
+    where = f"checkpoint {ckpt.path}: state.json"
+    if not isinstance(saved, dict) or not all(isinstance(saved.get(k), dict) for k in ("trainer", "controller", "monitor")):
+        raise KeelError(f"{where} must hold 'trainer', 'controller' and 'monitor' objects; was it edited?")
+    st = saved["trainer"]
+
+    def count(key: str, low: int = 0) -> bool:
+        v = st.get(key, 0)
+        return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+    if st.get("step") != ckpt.step or not count("step"):
+        raise KeelError(f"{where} 'trainer.step' is {st.get('step')!r} but the checkpoint is of step {ckpt.step}; "
+                        "was it edited?")
+    for key in ("nonfinite_skips", "nonfinite_in_row", "rollbacks"):
+        if not count(key):
+            raise KeelError(f"{where} 'trainer.{key}' must be an integer >= 0, got {st.get(key)!r}; was it edited?")
+    good = st.get("last_good_ckpt_step")
+    if good is not None and not (isinstance(good, int) and not isinstance(good, bool) and 0 <= good <= ckpt.step):
+        raise KeelError(f"{where} 'trainer.last_good_ckpt_step' must be null or a step <= {ckpt.step}, got {good!r}")
+    before = st.get("eval_before")
+    if before is not None and not isinstance(before, dict):
+        raise KeelError(f"{where} 'trainer.eval_before' must be null or an object, got {before!r}; was it edited?")
+    current = vars(controller) if controller is not None else {}
+    for key, value in saved["controller"].items():  # numbers stay finite numbers (coefficients, integrators)
+        if isinstance(current.get(key), (int, float)) and not isinstance(current.get(key), bool) and not (
+                isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)):
+            raise KeelError(f"{where} 'controller.{key}' must be a finite number, got {value!r}; was it edited?")
+    mon = saved["monitor"]
+    verdicts = ("good", "watch", "bad")
+    if mon.get("overall", "good") not in verdicts or not all(v in verdicts for v in (mon.get("prev") or {}).values()) \
+            or not all(isinstance(v, int) and v >= 0 for v in (mon.get("streak") or {}).values()):
+        raise KeelError(f"{where} 'monitor' holds verdicts other than good/watch/bad or negative streaks; was it edited?")
+    return st
+
+
 def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
     a, r, t = cfg.actor, cfg.rollout, cfg.trainer
     set_threads(t.num_threads)
@@ -236,25 +276,29 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.model.dtype == "bfloat16")
 
     run_dir = Path(d.broadcast(str(make_run_dir(cfg))))
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    d.barrier()
     vllm_engine = None
-    if r.name == "vllm":  # built before a resume: the engine reseeds the global RNGs at start-up
-        import tempfile
+    if r.name == "vllm":  # built before a resume (the engine reseeds the global RNGs at start-up) and before
+        import tempfile  # the run directory is made (a failed start leaves nothing behind)
 
         from keel.rollout_vllm import VLLMRollout
 
         with tempfile.TemporaryDirectory() as scratch:  # vLLM reads the directory only at start-up
             vllm_engine = VLLMRollout.for_policy(model, tok, cfg, scratch)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    d.barrier()
     state = {"step": 0, "nonfinite_skips": 0, "nonfinite_in_row": 0, "rollbacks": 0, "eval_before": None,
              "last_good_ckpt_step": None}
     resumed = checkpoint.find_latest(run_dir) if t.resume == "auto" else None
     if resumed is not None:
         saved = checkpoint.load_checkpoint(resumed, model, optimizer)
-        state.update(saved["trainer"])
-        controller.load_state_dict(saved["controller"])
-        monitor.load_state_dict(saved["monitor"])
+        state.update(check_resumed_state(saved, resumed, controller))
+        try:
+            controller.load_state_dict(saved["controller"])
+            monitor.load_state_dict(saved["monitor"])
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+            raise KeelError(f"checkpoint {resumed.path}: state.json holds no valid controller/monitor state "
+                            f"({type(e).__name__}: {e}); was it edited?") from None
         log(f"resumed from {resumed.path} (step {state['step']})")
         changed = config_changes(run_dir / "config.yaml", cfg)
         if changed:  # allowed (e.g. more steps, another logger), but the replay is then no longer the same run
@@ -284,10 +328,14 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
     def held_out_accuracy() -> dict:
         result = None
         if main:  # rank 0 evaluates; the others wait for its answer
-            with autocast:
-                result = evaluate(model, lean, tok, val_ids, val_rows, reward_fn, k=val_n,
-                                  max_new_tokens=cfg.data.max_response_length, temperature=val_temperature,
-                                  top_p=val_top_p, seed=t.seed + 7)
+            try:
+                with autocast:
+                    result = evaluate(model, lean, tok, val_ids, val_rows, reward_fn, k=val_n,
+                                      max_new_tokens=cfg.data.max_response_length, temperature=val_temperature,
+                                      top_p=val_top_p, seed=t.seed + 7)
+            except rollout.NonFiniteLogits:
+                raise KeelError(f"model '{cfg.model.path}' gives non-finite logits (NaN/inf) on the held-out "
+                                "prompts: its weights are broken") from None
         return d.broadcast(result)
 
     def save(step: int, extra: dict | None = None) -> Path:
@@ -303,6 +351,7 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
 
     bar = _progress(main and progress and "console" in t.logger, t.total_training_steps, state["step"])
     stopped, exit_code = None, 0
+    last_finite = LastFinite(model, optimizer)  # weights + optimizer state before the latest update (keel.nonfinite)
     model.train()
     try:
         for step in range(state["step"] + 1, t.total_training_steps + 1):
@@ -323,10 +372,31 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
                                            r.temperature, r.top_p, seed=t.seed * 1_000_003 + step + 7_919 * d.rank)
             else:
                 model.eval()
-                with autocast:
-                    out = rollout.generate(model, [train_ids[i] for i in idx], G, cfg.data.max_response_length,
-                                           r.temperature, r.top_p, tok.eos_token_id, tok.pad_token_id, gen,
-                                           lean=lean)
+                try:
+                    with autocast:
+                        out = rollout.generate(model, [train_ids[i] for i in idx], G, cfg.data.max_response_length,
+                                               r.temperature, r.top_p, tok.eos_token_id, tok.pad_token_id, gen,
+                                               lean=lean)
+                except rollout.NonFiniteLogits:  # the last update broke the weights with finite numbers
+                    if not last_finite.taken:
+                        raise KeelError(f"model '{cfg.model.path}' gives non-finite logits (NaN/inf) before any "
+                                        "update of this run: its weights are broken") from None
+                    last_finite.restore()  # back to the weights before that update; it counts as non-finite
+                    state["nonfinite_skips"] = last_finite.counters["nonfinite_skips"] + last_finite.counters["updates"]
+                    state["nonfinite_in_row"] = last_finite.counters["nonfinite_in_row"] + last_finite.counters["updates"]
+                    log(f"step {step}: non-finite logits in sampling; restored the weights before step {step - 1}'s "
+                        f"update ({state['nonfinite_in_row']} non-finite updates in a row)")
+                    if state["nonfinite_in_row"] >= t.max_nonfinite_in_row:
+                        model.train()
+                        stopped = (f"{state['nonfinite_in_row']} non-finite updates in a row at step {step - 1} "
+                                   "(non-finite logits in sampling)")
+                        exit_code = 4
+                        break
+                    gen = torch.Generator().manual_seed(t.seed * 1_000_003 + step + 7_919 * d.rank)
+                    with autocast:  # the restored weights sampled finite logits before: sample this step with them
+                        out = rollout.generate(model, [train_ids[i] for i in idx], G, cfg.data.max_response_length,
+                                               r.temperature, r.top_p, tok.eos_token_id, tok.pad_token_id, gen,
+                                               lean=lean)
                 model.train()
             timing["timing_s/gen"] = time.perf_counter() - t0
             checkpoint.fault_point("gen", step)  # testing aid (KEEL_FAULT_INJECT), inert otherwise
@@ -360,11 +430,17 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
 
             # ---- 5. update: ppo_epochs x mini-batches of whole groups
             t0 = time.perf_counter()
+            last_finite.take({"nonfinite_skips": state["nonfinite_skips"], "nonfinite_in_row": state["nonfinite_in_row"],
+                              "updates": a.ppo_epochs * (B // a.ppo_mini_batch_size)})
             update_metrics, finite_flags = ppo_update(
                 model, lean, optimizer, packed, advantages.to(device), old_logp, ref_logp, loss_cfg,
                 group_ids=list(range(g_start, g_end)), n_groups=B, group_size=G,
                 mini_batch_groups=a.ppo_mini_batch_size, ppo_epochs=a.ppo_epochs, seed=(t.seed, step),
                 lr=_lr(a.optim, step), grad_clip=a.grad_clip, d=d, autocast=autocast)
+            if not d.all_true(weights_finite(model)):  # finite gradients, yet the step made weights NaN/inf
+                last_finite.restore()
+                finite_flags = [False] * len(finite_flags)
+                update_metrics.pop("actor/grad_norm", None)
             for ok in finite_flags:  # a NaN/inf update was skipped: count it; K in a row stops the run
                 state["nonfinite_skips"] += 0 if ok else 1
                 state["nonfinite_in_row"] = 0 if ok else state["nonfinite_in_row"] + 1
