@@ -7,7 +7,7 @@ export OMP_NUM_THREADS ?= 1
 export MKL_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test test-vllm bench install clean
+.PHONY: demo test test-vllm bench install clean example-trl
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -45,3 +45,7 @@ bench: $(VENV)/.bench
 
 clean:
 	rm -rf $(VENV) .cache runs
+
+# TRL's GRPOTrainer with Keel's HealthCallback: stopped by a bad verdict, steered by the band controller (~3 min)
+example-trl: $(VENV)/.bench
+	$(PY) examples/trl_health.py

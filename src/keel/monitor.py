@@ -499,8 +499,14 @@ def summarize(metrics_path_or_run_dir: str | Path, rules: list[Rule] | str | Non
     `rules`: a list of Rules, a rule-set spec ("embedded", "lablog", YAML path), or None for the
     run's own (``monitor.rules`` of its config.yaml; lablog for a bare JSONL file).
     """
-    run_dir, metrics_file = _locate(metrics_path_or_run_dir, allow_missing)
-    records = read_metrics(metrics_file) if metrics_file.is_file() else []
+    from keel.integrations.trackers import detect, read_tracker_run
+
+    if detect(metrics_path_or_run_dir) is not None:  # a TensorBoard / W&B / MLflow run, names mapped to Keel's
+        run_dir, metrics_file = None, metrics_path_or_run_dir
+        records = read_tracker_run(metrics_path_or_run_dir)
+    else:
+        run_dir, metrics_file = _locate(metrics_path_or_run_dir, allow_missing)
+        records = read_metrics(metrics_file) if metrics_file.is_file() else []
     if isinstance(rules, list):
         rule_set = "custom"
     else:
