@@ -156,7 +156,7 @@ def read_wandb(path: str | Path) -> list[tuple[int, dict]]:
     if len(files) != 1:
         raise KeelError(f"'{path}' holds {len(files)} W&B runs ({', '.join(f.parent.name for f in files[:4])}); "
                         "point at one run's directory (wandb/offline-run-...)")
-    points: dict[int, dict] = {}
+    rows = []
     for record in wandb_records(files[0]):
         if record.WhichOneof("record_type") != "history":
             continue
@@ -167,8 +167,14 @@ def read_wandb(path: str | Path) -> list[tuple[int, dict]]:
                 row[key] = json.loads(item.value_json)
             except json.JSONDecodeError:
                 continue
-        step = next((row[k] for k in STEP_KEYS if isinstance(row.get(k), (int, float))), None)
-        if step is None:
+        rows.append(row)
+    # one step key for the whole run: a trainer's own step counter when it logged one (rows without it,
+    # e.g. transformers' model-size row, are not training steps), else W&B's _step
+    step_key = next((k for k in STEP_KEYS if any(k in row for row in rows)), "_step")
+    points: dict[int, dict] = {}
+    for row in rows:
+        step = row.get(step_key)
+        if not isinstance(step, (int, float)):
             continue
         values = {k: _finite(v) for k, v in row.items() if k not in STEP_KEYS and not k.startswith("_")
                   and isinstance(v, (int, float)) and not isinstance(v, bool)}
