@@ -7,7 +7,7 @@ export OMP_NUM_THREADS ?= 1
 export MKL_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test test-vllm bench install lock clean
+.PHONY: demo test test-vllm bench install lock clean example-trl
 
 # Installs are pinned: requirements/*.lock list every package (direct and transitive) with its version, so a clean
 # clone installs what CI tested. `make lock` regenerates them (scripts/lock.py says how to upgrade a package).
@@ -37,14 +37,9 @@ $(VENV)/.vllm: $(VENV)/.installed requirements/vllm.lock
 test-vllm: $(VENV)/.vllm
 	$(PY) -m pytest -m vllm tests
 
-# TRL (the `trl` extra): the TRL integration and the benchmark; its lock keeps every base pin
-$(VENV)/.bench: $(VENV)/.installed requirements/trl.lock
-	$(PIP_INSTALL) -r requirements/trl.lock
-	touch $@
-
 # Keel vs TRL side by side (~9 min quiet on an Intel Xeon, ~16 min on the AMD EPYC CI machine; BENCH_ARGS=--quick
 # for ~2.5 min); writes benchmarks/results.json
-bench: $(VENV)/.bench
+bench: $(VENV)/.installed  # TRL is in the dev lock (the TRL integration is tested against it)
 	$(PY) benchmarks/vs_trl.py $(BENCH_ARGS)
 
 # Re-resolve requirements/*.lock from pyproject.toml (needs the package registry); then `make test` and commit both.
@@ -53,3 +48,7 @@ lock: $(VENV)/.installed
 
 clean:
 	rm -rf $(VENV) .cache runs
+
+# TRL's GRPOTrainer with Keel's HealthCallback: stopped by a bad verdict, steered by the band controller (~3 min)
+example-trl: $(VENV)/.installed
+	$(PY) examples/trl_health.py

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -22,13 +23,18 @@ def _config(args) -> "KeelConfig":  # noqa: F821
 
 
 def cmd_train(args) -> int:
+    from keel.integrations.verl import load_verl_config
     from keel.trainer import train
 
-    cfg = _config(args)
+    # a verl command line (`python3 -m verl.trainer.main_ppo k=v ...`) has no config file: all are overrides
+    config, overrides = args.config, list(args.overrides)
+    if "=" in config and not Path(config).is_file():
+        config, overrides = None, [config, *overrides]
+    cfg, _ = load_verl_config(config, overrides, announce=os.environ.get("LOCAL_RANK", "0") == "0")
     if args.nproc and args.nproc > 1:
         from keel.distributed import launch
 
-        return launch(args.nproc, [args.config, *args.overrides])
+        return launch(args.nproc, [c for c in (config,) if c] + overrides)
     result = train(cfg)
     from keel.distributed import shutdown
 

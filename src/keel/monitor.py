@@ -606,8 +606,14 @@ def summarize(metrics_path_or_run_dir: str | Path, rules: list[Rule] | str | Non
     `rules`: a list of Rules, a rule-set spec ("embedded", "lablog", YAML path), or None for the
     run's own (``monitor.rules`` of its config.yaml; lablog for a bare JSONL file).
     """
-    run_dir, metrics_file = _locate(metrics_path_or_run_dir, allow_missing)
-    records = read_metrics(metrics_file) if metrics_file.is_file() else []
+    from keel.integrations.trackers import detect, read_tracker_run
+
+    if detect(metrics_path_or_run_dir) is not None:  # a TensorBoard / W&B / MLflow run, names mapped to Keel's
+        run_dir, metrics_file = None, metrics_path_or_run_dir
+        records = read_tracker_run(metrics_path_or_run_dir)
+    else:
+        run_dir, metrics_file = _locate(metrics_path_or_run_dir, allow_missing)
+        records = read_metrics(metrics_file) if metrics_file.is_file() else []
     if isinstance(rules, list):
         rule_set = "custom"
     else:
@@ -715,8 +721,41 @@ def render_table(summary: dict):
     return table
 
 
+ON_BAD_EXIT = {"ran": 3, "failed": 4}  # exit codes of `keel monitor --on-bad` once the run has gone bad
+
+
+def run_on_bad(cmd: str, summary: dict) -> int:
+    """Run the ``--on-bad`` shell command once, for a run whose verdict has turned bad.
+
+    The command sees KEEL_RUN (the path), KEEL_BAD_STEP (the first bad step), KEEL_LAST_STEP, KEEL_VERDICT
+    (the latest overall verdict), KEEL_RULE and KEEL_REASON (the failing rule now, empty if it recovered).
+    Returns 3 when the command exited 0, 4 when it failed or could not start.
+    """
+    import os
+    import subprocess
+
+    failing = summary.get("failing_rule") or {}
+    env = {**os.environ, "KEEL_RUN": str(summary["path"]), "KEEL_BAD_STEP": str(summary["first_bad_step"]),
+           "KEEL_LAST_STEP": str(summary["last_step"]), "KEEL_VERDICT": str(summary["overall"]),
+           "KEEL_RULE": failing.get("rule") or "", "KEEL_REASON": summary.get("reason") or ""}
+    print(f"keel monitor: {summary['path']} turned bad at step {summary['first_bad_step']} "
+          f"({summary.get('reason') or 'see the table'}); running: {cmd}", file=sys.stderr, flush=True)
+    try:
+        rc = subprocess.run(cmd, shell=True, env=env).returncode
+    except OSError as e:
+        print(f"keel monitor: --on-bad command could not start: {e}", file=sys.stderr)
+        return ON_BAD_EXIT["failed"]
+    if rc != 0:
+        print(f"keel monitor: --on-bad command exited {rc}", file=sys.stderr)
+    return ON_BAD_EXIT["ran"] if rc == 0 else ON_BAD_EXIT["failed"]
+
+
 def monitor_main(argv: list[str]) -> int:
-    """``keel monitor PATH [--rules R] [--vocab-size V] [--follow] [--json] [--interval S] [--count N]``."""
+    """``keel monitor PATH [--rules R] [--vocab-size V] [--follow] [--json] [--interval S] [--count N] [--on-bad CMD]``.
+
+    Exit codes: 0 the run is not bad (or no --on-bad); 2 bad input; with --on-bad, once any step has been
+    judged bad: 3 the command ran and exited 0, 4 it failed (the monitor stops in both cases).
+    """
     p = argparse.ArgumentParser(prog="keel monitor", description="Judge a run's health: a Keel run directory or any "
                                 "JSONL metrics file with verl metric names (flat or verl's {step, data} lines).")
     p.add_argument("path", help="run directory (RUN_DIR/metrics.jsonl) or a JSONL metrics file")
@@ -726,6 +765,8 @@ def monitor_main(argv: list[str]) -> int:
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object (one line per refresh with --follow)")
     p.add_argument("--interval", type=float, default=5.0, help="seconds between refreshes with --follow")
     p.add_argument("--count", type=int, default=0, help="with --follow: stop after N refreshes (0 = until Ctrl-C)")
+    p.add_argument("--on-bad", metavar="CMD", help="shell command run once when the verdict turns bad (e.g. to stop "
+                   "the job; it sees KEEL_RUN, KEEL_BAD_STEP, KEEL_RULE, KEEL_REASON), then exit 3 (4 if CMD failed)")
     args = p.parse_args(argv)
     if args.interval <= 0 or args.count < 0:
         raise KeelError("--interval must be > 0 and --count >= 0")
@@ -746,6 +787,10 @@ def monitor_main(argv: list[str]) -> int:
                     live.update(render_table(summary), refresh=True)
                 else:
                     console.print(render_table(summary))
+                if args.on_bad and summary["first_bad_step"] is not None:
+                    if live:
+                        live.stop()
+                    return run_on_bad(args.on_bad, summary)
                 if not args.follow or (args.count and n >= args.count):
                     break
                 time.sleep(args.interval)

@@ -118,7 +118,13 @@ def _read_json(path: Path) -> dict:
 
 
 def load_run(path: str | Path, name: str | None = None) -> Run:
-    """Read a run directory; only ``metrics.jsonl`` is required."""
+    """Read a run directory (only ``metrics.jsonl`` is required) or a tracker's run (keel.integrations.trackers)."""
+    from keel.integrations.trackers import detect, read_tracker_run
+
+    if detect(path) is not None:  # TensorBoard / W&B / MLflow: the metrics only, names mapped to Keel's
+        rows = [{"step": step, **m} for step, m in read_tracker_run(path)]
+        return Run(name=name or Path(str(path).split("#")[0]).name or str(path), path=path, rows=rows, config={},
+                   meta={}, health=[], samples=[], eval={})
     path = Path(path)
     metrics = path / "metrics.jsonl"
     if not metrics.is_file():
@@ -149,7 +155,13 @@ def load_sweep(path: Path) -> tuple[Sweep, list[Run]]:
 def collect(paths: list[str | Path]) -> tuple[list[Run], list[Sweep]]:
     """Each path is a run directory or a sweep directory; run names are made unique."""
     runs, sweeps = [], []
-    for p in map(Path, paths):
+    from keel.integrations.trackers import detect
+
+    for spec in paths:
+        if detect(spec) is not None:  # a tracker's run (an MLflow URI is not a path)
+            runs.append(load_run(spec))
+            continue
+        p = Path(spec)
         if not p.is_dir():
             raise KeelError(f"'{p}' is not a directory")
         if (p / "summary.csv").is_file():
@@ -163,7 +175,7 @@ def collect(paths: list[str | Path]) -> tuple[list[Run], list[Sweep]]:
         seen[run.name] = seen.get(run.name, 0) + 1
     for run in runs:
         if seen[run.name] > 1:
-            run.name = f"{run.path.parent.name}/{run.path.name}"
+            run.name = f"{Path(run.path).parent.name}/{Path(run.path).name}"
     return runs, sweeps
 
 
@@ -587,7 +599,8 @@ def write_report(paths: list[str], out_dir: str | None = None, steps: list[int] 
     runs, sweeps = collect(paths)
     if not runs:
         raise KeelError(f"no runs with a metrics.jsonl found under {', '.join(map(str, paths))}")
-    out = Path(out_dir) if out_dir is not None else Path(paths[0]) if len(paths) == 1 else Path("report")
+    one_dir = len(paths) == 1 and Path(paths[0]).is_dir()
+    out = Path(out_dir) if out_dir is not None else Path(paths[0]) if one_dir else Path("report")
     (out / "plots").mkdir(parents=True, exist_ok=True)
     title = f"Keel report: {runs[0].name}" if len(runs) == 1 else f"Keel report: {len(runs)} runs"
     blocks, plots = build_blocks(runs, sweeps, steps, band)

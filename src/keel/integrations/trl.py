@@ -119,6 +119,7 @@ class HealthCallback(TrainerCallback):
         self.run_dir = Path(run_dir) if run_dir is not None else Path(args.output_dir) / "keel"
         self.verdicts: list[tuple[int, str, str | None]] = []  # (step, overall, reason) per judged step
         self.stopped: dict | None = None  # {"step", "reason"} once action="stop" ended the run
+        self.last_metrics: dict = {}  # the last judged step's row (Keel names)
         self._applied: tuple[float, float] = (float(trainer.entropy_coef), float(trainer.beta))
         trainer.add_callback(self)
 
@@ -190,6 +191,7 @@ class HealthCallback(TrainerCallback):
             self.controller.update(step, clean_value(row.get("actor/entropy")))
             row.update({k: v for k, v in self.controller.metrics().items() if k.startswith("control/")})
         self.verdicts.append((step, verdict.overall, verdict.reason))
+        self.last_metrics = row
         if state.is_world_process_zero:
             self._write("metrics.jsonl", [{"step": step, **row}])
             self._write("health.jsonl", verdict.events)
