@@ -194,12 +194,13 @@ def test_missing_base_and_shipped_seed_sweep(tmp_path):
     path.write_text("base: nope.yaml\nruns: [{name: a}]\n")
     with pytest.raises(KeelError, match="key 'base' names .*nope.yaml', which does not exist"):
         load_sweep_spec(path)
-    seed = load_sweep_spec(SEED)  # the shipped lab-log sweep: V0-V3, the scaled grid, one band-controller run
-    names = [r.name for r in seed.runs]
-    assert names[:4] == ["V0", "V1", "V2", "V3"] and len(names) == 10 and seed.n_jobs == 2
-    assert seed.runs[3].values == {EC: 0.01, "actor_rollout_ref.actor.kl_loss_coef": 0.05}
-    assert [r.values[EC] for r in seed.runs if r.source == "grid"] == [0.02, 0.05, 0.1, 0.2, 0.3]
-    assert seed.runs[4].name == "band" and seed.runs[4].values["control.type"] == "band" and seed.summary_step == 100
+    seed = load_sweep_spec(SEED)  # the shipped lab-log sweep: V0-V3, the entropy-preserving losses, keel; 3 seeds
+    settings = list(dict.fromkeys(r.setting for r in seed.runs))
+    assert settings == ["V0", "V1", "V2", "V3", "clip_cov", "kl_cov", "top_entropy", "keel"] and seed.seeds == [1, 2, 3]
+    assert len(seed.runs) == 24 and seed.n_jobs == 2 and seed.summary_step == 100
+    assert seed.runs[9].name == "V3-s1" and seed.runs[9].values == {
+        EC: 0.01, "actor_rollout_ref.actor.kl_loss_coef": 0.05, "trainer.seed": 1}
+    assert seed.runs[-1].name == "keel-s3" and seed.runs[-1].values["control.type"] == "dual"
 
 
 # --------------------------------------------------------------------------- real sweeps
