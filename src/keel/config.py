@@ -60,9 +60,10 @@ class DataConfig:
 
 @dataclass
 class TaskConfig:
-    # the embedded verifiable task: "addition" (two numbers, worked column trace)
+    # the embedded verifiable task: "addition" (two numbers, worked column trace) or "multiplication"
+    # (a task.digits-digit number times one digit 2-9, worked digit-by-digit trace with carries)
     name: str = "addition"
-    # digits per operand
+    # digits per operand (multiplication: of the first operand)
     digits: int = 2
     # seed of the problem generator; train and held-out splits never overlap
     seed: int = 1234
