@@ -198,9 +198,9 @@ def test_missing_base_and_shipped_seed_sweep(tmp_path):
     settings = list(dict.fromkeys(r.setting for r in seed.runs))
     assert settings == ["V0", "V1", "V2", "V3", "clip_cov", "kl_cov", "top_entropy", "keel"] and seed.seeds == [1, 2, 3]
     assert len(seed.runs) == 24 and seed.n_jobs == 2 and seed.summary_step == 100
-    assert seed.runs[9].name == "V3-s1" and seed.runs[9].values == {
+    assert seed.runs[3].name == "V3-s1" and seed.runs[3].values == {
         EC: 0.01, "actor_rollout_ref.actor.kl_loss_coef": 0.05, "trainer.seed": 1}
-    assert seed.runs[-1].name == "keel-s3" and seed.runs[-1].values["control.type"] == "dual"
+    assert seed.runs[-1].name == "keel-s3" and seed.runs[-1].values == {"control.type": "dual", "trainer.seed": 3}
 
 
 # --------------------------------------------------------------------------- real sweeps
@@ -317,8 +317,8 @@ def test_seeds_expand_every_run_and_the_command_line_replaces_them(tmp_path):
     spec = load_sweep_spec(write_spec(tmp_path, {"seeds": [1, 2], "runs": [{"name": "a", "set": {EC: 0.0}}],
                                                  "grid": {"name": "ec{entropy_coeff}", "params": {EC: [0.01]}}}))
     assert [(r.name, r.setting, r.seed, r.values["trainer.seed"]) for r in spec.runs] == [
-        ("a-s1", "a", 1, 1), ("a-s2", "a", 2, 2), ("ec0.01-s1", "ec0.01", 1, 1), ("ec0.01-s2", "ec0.01", 2, 2)]
-    assert "trainer.seed=2" in spec.run_overrides(spec.runs[1])
+        ("a-s1", "a", 1, 1), ("ec0.01-s1", "ec0.01", 1, 1), ("a-s2", "a", 2, 2), ("ec0.01-s2", "ec0.01", 2, 2)]
+    assert "trainer.seed=2" in spec.run_overrides(spec.runs[2])
     assert [r.name for r in load_sweep_spec(write_spec(tmp_path, {"seeds": [1, 2], "runs": [{"name": "a"}]}),
                                             seeds=[7]).runs] == ["a-s7"]
     assert parse_seeds("1, 2,3") == [1, 2, 3]

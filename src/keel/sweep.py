@@ -405,12 +405,13 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def _seeded(runs: list[RunSpec], seeds: list[int], sec: _Section) -> list[RunSpec]:
-    """Each run once per seed: name <run>-s<seed>, trainer.seed=<seed>."""
+    """Each run once per seed: name <run>-s<seed>, trainer.seed=<seed>; seed-major, so every setting has its
+    first seed before any has a second (a sweep cut short still compares all settings)."""
     for run in runs:
         if "trainer.seed" in run.values:
             raise sec.error("seeds", f"cannot be combined with run '{run.name}', which sets trainer.seed itself")
     return [RunSpec(f"{run.name}-s{seed}", {**run.values, "trainer.seed": seed}, run.source, setting=run.name, seed=seed)
-            for run in runs for seed in seeds]
+            for seed in seeds for run in runs]
 
 
 def load_sweep_spec(path: str | Path, overrides: list[str] | None = None, out_dir: str | Path | None = None,
