@@ -252,7 +252,7 @@ def test_shipped_dead_zone_band_holds_the_toy_plant(gain, start_coeff):
 
 def dual(ec=0.0, kl=0.0, **kw):
     cfg = dict(type="dual", ki=0.05, kp=0.3, ema=0.5, horizon=2.0, kl_target=0.1, kl_adapt_gain=1.0, kl_floor=0.001,
-               max_entropy_coeff=1.0)
+               max_entropy_coeff=1.0, rel_deadband=0.0)
     return make_controller(ControlConfig(**{**cfg, **kw}), ec, kl)
 
 
@@ -303,3 +303,16 @@ def test_dual_config_checks():
         load_config(None, ["control.type=dual", "control.rel_high=0.9"])
     with pytest.raises(KeelError, match="use_kl_loss=true"):
         load_config(None, ["control.type=dual", "actor_rollout_ref.actor.use_kl_loss=false"])
+
+
+def test_dual_never_undercuts_the_configured_kl_coefficient_and_leaves_the_band_middle_alone():
+    c = make_controller(ControlConfig(type="dual"), 0.01, 0.01)  # defaults: rel_deadband 0.6, kl_target 0.1
+    for step in range(1, 11):  # KL far under budget: Ziegler's two-sided rule would shrink k 20 % a step
+        c.update(step, 0.15, 0.0)
+    assert c.kl_coef == 0.01 and c.kl_error == -0.2
+    # 0.15 is inside the dead zone around the centre 0.130 (log distance 0.144 < half-width 0.6 * 0.549 = 0.330)
+    assert c.entropy_coeff == pytest.approx(0.01)
+    c.update(11, 0.3, 0.5)  # over budget (and soon above the band): k rises 20 %
+    assert c.kl_coef == pytest.approx(0.012)
+    with pytest.raises(KeelError, match="rel_deadband"):
+        load_config(None, ["control.type=dual", "control.rel_deadband=1.0"])

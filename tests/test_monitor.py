@@ -557,7 +557,7 @@ def test_monitor_state_keeps_the_smoothed_scores():
     resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
     got = [resumed.observe(t, {"critic/score/mean": x}).overall for t, x in enumerate(scores[12:], 13)]
     assert got == expected[12:] and expected[-1] == "bad"
-    assert full.first_bad_step == 21  # gap > 0.1 from step 12 (EMA 0.62 -> 0.556 under best 0.656); 10 in a row
+    assert full.first_bad_step == 22  # EMA 0.9: gap > 0.1 from step 13 (0.4695 under its best 0.5697); 10 in a row
 
 
 @pytest.mark.parametrize("text, match", [

@@ -61,9 +61,10 @@ class DataConfig:
 
 @dataclass
 class TaskConfig:
-    # the embedded verifiable task: "addition" (two numbers, worked column trace)
+    # the embedded verifiable task: "addition" (two numbers, worked column trace) or "multiplication"
+    # (a task.digits-digit number times one digit 2-9, worked digit-by-digit trace with carries)
     name: str = "addition"
-    # digits per operand
+    # digits per operand (multiplication: of the first operand)
     digits: int = 2
     # seed of the problem generator; train and held-out splits never overlap
     seed: int = 1234
@@ -283,11 +284,15 @@ class ControlConfig:
     # so no number of it is task-specific; the band PI gains (ki, kp, ema, horizon, deadband) apply as for band
     rel_low: float = 0.5
     rel_high: float = 1.5
+    # dual: share of the band (log scale, around its centre) where the entropy error counts as 0: the wide
+    # relative band is a range to stay inside, not a setpoint (0.6 = act only in the outer 20 % at each edge)
+    rel_deadband: float = 0.6
     # dual: the KL budget, nats/token of actor/kl_loss; kl_coef adapts (Ziegler et al. 2019) to hold KL under it:
     # kl_coef <- clip(kl_coef * (1 + kl_adapt_gain * clip(KL / kl_target - 1, -0.2, 0.2)), kl_floor, max_kl_coef)
     kl_target: float = 0.1
     kl_adapt_gain: float = 1.0
-    # dual: the smallest kl_coef (a multiplicative rule cannot grow from 0)
+    # dual: the smallest kl_coef; the configured kl_loss_coef is never undercut (a budget is a ceiling on the KL,
+    # so the anchor is only ever raised above the user's), and kl_floor lets a multiplicative rule grow from 0
     kl_floor: float = 0.001
     # monitor.action=rollback: after a collapse (low) rollback entropy_coeff <- max(2c, c + this)
     rollback_entropy_step: float = 0.05
@@ -577,6 +582,8 @@ def validate(cfg: KeelConfig) -> None:
     _check(0 < cfg.control.rel_low < 1 < cfg.control.rel_high,
            f"config keys 'control.rel_low' / 'control.rel_high' must satisfy 0 < rel_low < 1 < rel_high, "
            f"got {cfg.control.rel_low} / {cfg.control.rel_high}")
+    _check(0 <= cfg.control.rel_deadband < 1,
+           f"config key 'control.rel_deadband' must be in [0, 1), got {cfg.control.rel_deadband}")
     _check(cfg.control.kl_target > 0 and cfg.control.kl_floor > 0 and cfg.control.kl_adapt_gain > 0,
            "config keys 'control.kl_target', 'control.kl_floor' and 'control.kl_adapt_gain' must be > 0")
     _check(cfg.control.type != "dual" or cfg.actor_rollout_ref.actor.use_kl_loss,

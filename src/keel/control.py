@@ -44,7 +44,12 @@ itself. A controller closes the loop on the measured entropy instead.
 
       e_t = clip(KL_t / kl_target - 1, -0.2, 0.2)             (= +0.2 while p_t > log high: the reference's
                                                                 entropy is H_0 < high, so its pull is downward)
-      k_t = clip(k_{t-1} * (1 + kl_adapt_gain * e_t), kl_floor, k_max)
+      k_t = clip(k_{t-1} * (1 + kl_adapt_gain * e_t), max(kl_floor, k_base), k_max)
+
+  The budget is a ceiling: k never drops under the configured coefficient k_base (Ziegler's rule is
+  two-sided; letting k fall under the user's anchor while the KL is low invited an overshoot). The
+  entropy loop uses the dead zone ``rel_deadband`` (default 0.6): the relative band is a range to
+  stay inside, not a setpoint.
 
 ``on_rollback(direction)`` is the self-healing hook: after the monitor rolls a run
 back, a collapse ("low") raises the entropy pressure and an over-random or KL-high
@@ -187,7 +192,7 @@ class BandController(Controller):
         # e_t = dz(log H* - p_t): zero inside the dead zone around the centre, so a policy that sits well
         # inside the band is left alone; only the distance past the zone's edge counts
         error = 0.5 * (math.log(low) + math.log(high)) - predicted
-        width = c.deadband * 0.5 * (math.log(high) - math.log(low))
+        width = self._deadband() * 0.5 * (math.log(high) - math.log(low))
         error = math.copysign(max(0.0, abs(error) - width), error)
         if error == 0.0 and width > 0:  # inside the dead zone a bonus no longer needed is released gradually
             self.entropy_coeff *= c.deadband_decay
@@ -199,6 +204,9 @@ class BandController(Controller):
         if self.above:
             self.entropy_coeff = max(c.min_entropy_coeff, self.entropy_coeff / 2)
         self._update_kl(kl)
+
+    def _deadband(self) -> float:
+        return self.cfg.deadband
 
     def _update_kl(self, kl: float | None) -> None:
         """band: tighten the anchor while above the band (when the reference sits below `high`), else relax it."""
@@ -234,6 +242,9 @@ class DualController(BandController):
         super().__init__(cfg, entropy_coeff, max(kl_coef, cfg.kl_floor))
         self.kl_error: float | None = None  # e_t, logged
 
+    def _deadband(self):
+        return self.cfg.rel_deadband
+
     def band(self):
         h0 = self.first_entropy
         return (None, None) if h0 is None else (self.cfg.rel_low * h0, self.cfg.rel_high * h0)
@@ -247,7 +258,8 @@ class DualController(BandController):
         else:
             return
         self.kl_error = error
-        self.kl_coef = _clip(self.kl_coef * (1 + c.kl_adapt_gain * error), c.kl_floor, c.max_kl_coef)
+        floor = max(c.kl_floor, self.base_kl_coef)  # never under the configured anchor (or a rollback's raise)
+        self.kl_coef = _clip(self.kl_coef * (1 + c.kl_adapt_gain * error), floor, c.max_kl_coef)
 
     def metrics(self):
         m = super().metrics()

@@ -37,7 +37,7 @@ from keel.modeling import LeanForward, build_embedded, count_parameters, load_mo
 from keel.monitor import Monitor, load_rules
 from keel.nonfinite import LastFinite, weights_finite
 from keel.rewards import build_reward
-from keel.tasks import DATA_SOURCE, TASK_ALPHABET, split_problems
+from keel.tasks import TASK_ALPHABET, split_problems
 from keel.tracking import Tracker, flatten
 
 
@@ -79,7 +79,7 @@ def load_policy(cfg: KeelConfig, device: torch.device) -> Policy:
 
 
 def embedded_rows(problems) -> list[PromptRow]:
-    return [PromptRow(p.prompt, str(p.answer), DATA_SOURCE, {}, {}) for p in problems]
+    return [PromptRow(p.prompt, str(p.answer), p.data_source, {}, {}) for p in problems]
 
 
 def load_prompts(cfg: KeelConfig, tokenizer) -> tuple[list, list, list, list, dict]:
