@@ -53,8 +53,6 @@ def make_tiny_model_dir(out: str | Path, data_files: str | list[str] | None = No
                         max_rows: int = 2000, tokenizer: str = "bpe", shape: str = "tiny") -> Path:
     """Write a random-init Qwen3 + a tokenizer: BPE trained on the prompts/answers of `data_files`, or
     Qwen3's own (tokenizer="qwen3"); shape "tiny" (hidden/layers/heads/mlp) or "qwen3-0.6b"."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
     from keel.checkpoint import save_hf_model
     from keel.errors import KeelError
 
@@ -74,6 +72,19 @@ def make_tiny_model_dir(out: str | Path, data_files: str | list[str] | None = No
         n_vocab = len(tok)
     else:
         raise KeelError(f"keel tiny-model: --tokenizer must be bpe or qwen3, got {tokenizer!r}")
+    model = build_model(n_vocab, tok.eos_token_id, tok.pad_token_id, shape, seed, hidden=hidden, layers=layers,
+                        heads=heads, mlp=mlp)
+    save_hf_model(model, tok, Path(out))
+    return Path(out)
+
+
+def build_model(vocab_size: int, eos_token_id: int, pad_token_id: int, shape: str = "tiny", seed: int = 0,
+                hidden: int = 64, layers: int = 2, heads: int = 4, mlp: int = 128):
+    """Random-init Qwen3ForCausalLM: shape "tiny" (hidden/layers/heads/mlp) or "qwen3-0.6b" (exact)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from keel.errors import KeelError
+
     if shape == "qwen3-0.6b":
         dims = QWEN3_0_6B
     elif shape == "tiny":
@@ -82,10 +93,8 @@ def make_tiny_model_dir(out: str | Path, data_files: str | list[str] | None = No
                     max_position_embeddings=2048, tie_word_embeddings=True)
     else:
         raise KeelError(f"keel tiny-model: --shape must be tiny or qwen3-0.6b, got {shape!r}")
-    config = Qwen3Config(vocab_size=n_vocab, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    config = Qwen3Config(vocab_size=vocab_size, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                          bos_token_id=None, **dims)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = Qwen3ForCausalLM(config)
-    save_hf_model(model, tok, Path(out))
-    return Path(out)
+        return Qwen3ForCausalLM(config)
