@@ -80,6 +80,9 @@ class ModelConfig:
     tokenizer_path: str | None = None
     # parameter dtype for rollout and training: float32 | bfloat16 (bf16 autocast, fp32 master weights)
     dtype: str = "float32"
+    # recompute each decoder layer in backward (torch.utils.checkpoint): activation memory of one layer plus an
+    # (M, C) residual per layer, for ~1/3 more update compute
+    enable_gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -109,6 +112,26 @@ class PolicyLossConfig:
     ppo_kl_coef: float = 1.0
     # TRL's top_entropy_quantile rho: only the top-rho share of response tokens by entropy in the policy loss (1 = all)
     top_entropy_quantile: float = 1.0
+
+
+@dataclass
+class FSDPConfig:
+    # FSDP2 (strategy fsdp2) on GPUs: keep parameter shards (and their gradients) in CPU memory (CPUOffloadPolicy)
+    param_offload: bool = False
+    # ... and run the optimizer step there (FSDP2 offloads both together: either key turns it on)
+    optimizer_offload: bool = False
+
+
+@dataclass
+class LogProbConfig:
+    """Micro-batches of a no-grad log-prob pass (verl's ``rollout.*`` / ``ref.*`` log_prob keys)."""
+
+    # rows per forward; null = the whole batch (or the token budget below)
+    log_prob_micro_batch_size_per_gpu: int | None = None
+    # token-budget micro-batches; null = actor_rollout_ref.actor.use_dynamic_bsz
+    log_prob_use_dynamic_bsz: bool | None = None
+    # tokens per forward with the budget; null = actor_rollout_ref.actor.ppo_max_token_len_per_gpu
+    log_prob_max_token_len_per_gpu: int | None = None
 
 
 @dataclass
@@ -144,6 +167,16 @@ class ActorConfig:
     entropy_chunk_size: int = 4096
     # the policy-gradient term: loss_mode and its knobs
     policy_loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
+    # data-parallel engine for N processes: ddp (DistributedDataParallel) | fsdp2 (torch fully_shard: parameters,
+    # gradients and optimizer state sharded over the ranks)
+    strategy: str = "ddp"
+    # rows per forward/backward in the update (gradient accumulation, same update); null = the whole mini-batch
+    ppo_micro_batch_size_per_gpu: int | None = None
+    # token-budget micro-batches instead: rows are packed while prompt+response tokens <= ppo_max_token_len_per_gpu
+    # (also the log-prob passes' default); peak memory then follows the budget, not the batch
+    use_dynamic_bsz: bool = False
+    ppo_max_token_len_per_gpu: int = 16384
+    fsdp_config: FSDPConfig = field(default_factory=FSDPConfig)
 
 
 @dataclass
@@ -177,6 +210,10 @@ class RolloutConfig:
     kv_cache_memory_bytes: int = 256 * 1024 * 1024
     # held-out evaluation: sampled or greedy, answers per problem
     val_kwargs: ValKwargs = field(default_factory=ValKwargs)
+    # old log-prob pass (off-policy updates): rows or tokens per forward (see LogProbConfig)
+    log_prob_micro_batch_size_per_gpu: int | None = None
+    log_prob_use_dynamic_bsz: bool | None = None
+    log_prob_max_token_len_per_gpu: int | None = None
 
     def val_sampling(self) -> tuple[float, float, int]:
         """(temperature, top_p, n) of held-out evaluation; temperature 0 = greedy."""
@@ -192,6 +229,21 @@ class ActorRolloutRefConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     actor: ActorConfig = field(default_factory=ActorConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    # the frozen reference policy's log-prob pass
+    ref: LogProbConfig = field(default_factory=LogProbConfig)
+
+    def log_prob_batching(self, part: str) -> tuple[int, int]:
+        """(rows, tokens) per forward of the `part` ("rollout" | "ref") log-prob pass; 0 = unbounded."""
+        c, a = getattr(self, part), self.actor
+        dynamic = a.use_dynamic_bsz if c.log_prob_use_dynamic_bsz is None else c.log_prob_use_dynamic_bsz
+        if dynamic:
+            return 0, c.log_prob_max_token_len_per_gpu or a.ppo_max_token_len_per_gpu
+        return c.log_prob_micro_batch_size_per_gpu or 0, 0
+
+    def update_batching(self) -> tuple[int, int]:
+        """(rows, tokens) per forward/backward of the update; 0 = unbounded."""
+        a = self.actor
+        return (0, a.ppo_max_token_len_per_gpu) if a.use_dynamic_bsz else (a.ppo_micro_batch_size_per_gpu or 0, 0)
 
 
 @dataclass
@@ -556,6 +608,15 @@ def validate(cfg: KeelConfig) -> None:
         f"config key 'data.train_batch_size' ({d.train_batch_size}) must be a multiple of "
         f"'actor_rollout_ref.actor.ppo_mini_batch_size' ({a.ppo_mini_batch_size})",
     )
+    for key, v in (("actor.ppo_micro_batch_size_per_gpu", a.ppo_micro_batch_size_per_gpu),
+                   ("actor.ppo_max_token_len_per_gpu", a.ppo_max_token_len_per_gpu),
+                   ("rollout.log_prob_micro_batch_size_per_gpu", r.log_prob_micro_batch_size_per_gpu),
+                   ("rollout.log_prob_max_token_len_per_gpu", r.log_prob_max_token_len_per_gpu),
+                   ("ref.log_prob_micro_batch_size_per_gpu", cfg.actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu),
+                   ("ref.log_prob_max_token_len_per_gpu", cfg.actor_rollout_ref.ref.log_prob_max_token_len_per_gpu)):
+        _check(v is None or v >= 1, f"config key 'actor_rollout_ref.{key}' must be >= 1, got {v}")
+    _check(a.strategy in ("ddp", "fsdp2"),
+           f"config key 'actor_rollout_ref.actor.strategy' must be ddp or fsdp2, got {a.strategy!r}")
     _check(r.temperature > 0, f"config key 'actor_rollout_ref.rollout.temperature' must be > 0, got {r.temperature}")
     _check(0 < r.top_p <= 1, f"config key 'actor_rollout_ref.rollout.top_p' must be in (0, 1], got {r.top_p}")
     _check(cfg.reward.max_failed_batches >= 0,

@@ -217,6 +217,8 @@ class LeanForward:
         self._rope_cache: tuple[int, torch.Tensor, torch.Tensor] | None = None
         self._frozen: list[_FusedLayer] | None = None  # fused weights while decoding (weights fixed)
         self._frozen_head: tuple | None = None
+        # the training forward as an nn.Module (keel.actor.train_module builds it; keel.distributed wraps it)
+        self.module: torch.nn.Module | None = None
 
     @staticmethod
     def supports(model) -> bool:
@@ -387,18 +389,22 @@ class LeanForward:
         Projections, norms and the MLP (nearly all FLOPs) run over the M tokens; attention
         gathers q, k, v into rows and scatters its output back.
         """
-        B, T = slot_token.shape
         x = self.base.embed_tokens(input_ids)  # (M, C)
         cos, sin = self.rope(positions, x.dtype, signed=True)  # (M, 1, hd)
-        gather = slot_token.reshape(-1)  # (B*T,)
         for layer, fused in self._layers():
-            q, k, v = self._attn_in(layer, fused, x, cos, sin)  # (M, h, hd)
-            q, k, v = (t.index_select(0, gather).view(B, T, -1, self.hd).transpose(1, 2) for t in (q, k, v))
-            y = self._causal_attention(q, k, v)  # (B, nh, T, hd)
-            y = y.transpose(1, 2).reshape(B * T, self.nh * self.hd).index_select(0, token_slot)  # (M, nh*hd)
-            x = self._attn_out(layer, fused, x, y)
-            x = self._mlp(layer, fused, x)
+            x = self.packed_layer(layer, fused, x, cos, sin, slot_token, token_slot)
         return x
+
+    def packed_layer(self, layer, fused: _FusedLayer | None, x, cos, sin, slot_token, token_slot):
+        """One decoder layer over a packed batch: x (M, C) -> (M, C) (see :meth:`hidden_packed`)."""
+        B, T = slot_token.shape
+        q, k, v = self._attn_in(layer, fused, x, cos, sin)  # (M, h, hd)
+        gather = slot_token.reshape(-1)  # (B*T,)
+        q, k, v = (t.index_select(0, gather).view(B, T, -1, self.hd).transpose(1, 2) for t in (q, k, v))
+        y = self._causal_attention(q, k, v)  # (B, nh, T, hd)
+        y = y.transpose(1, 2).reshape(B * T, self.nh * self.hd).index_select(0, token_slot)  # (M, nh*hd)
+        x = self._attn_out(layer, fused, x, y)
+        return self._mlp(layer, fused, x)
 
     # ---- incremental decoding with a preallocated cache
 

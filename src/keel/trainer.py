@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import yaml
 
-from keel import actor, algorithms, checkpoint, metrics, rollout
+from keel import actor, algorithms, checkpoint, distributed, metrics, rollout
 from keel.config import EMBEDDED, KeelConfig, to_dict
 from keel.control import make_controller
 from keel.distributed import Dist, init_from_env
@@ -259,6 +259,24 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
     needs_ref = a.use_kl_loss and (a.kl_loss_coef > 0 or cfg.control.type in ("band", "dual") or cfg.monitor.action == "rollback")
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if needs_ref else None
     ref_lean = LeanForward(ref_model) if (ref_model is not None and lean is not None) else None
+    # FSDP2 keeps shards only: the sampler, evaluation and saving use a plain copy refreshed from them
+    sharded = d.enabled and a.strategy == "fsdp2"
+    plain_copy = distributed.PlainCopy(model, LeanForward if lean is not None else None) if sharded else None
+    if sharded and (t.resume == "auto" or cfg.monitor.action == "rollback"):
+        raise KeelError("trainer.resume=auto and monitor.action=rollback load checkpoints, which strategy fsdp2 "
+                        "does not do yet (set actor_rollout_ref.actor.strategy=ddp)")
+
+    def whole() -> tuple:
+        """(model, lean) with whole weights (FSDP2: the refreshed plain copy; every rank calls this)."""
+        return plain_copy.refresh(model) if plain_copy is not None else (model, lean)
+
+    if lean is not None:  # the training forward as a module, under the data-parallel engine (after the ref copy)
+        actor.train_module(lean).checkpointing = cfg.model.enable_gradient_checkpointing
+        lean.module = distributed.wrap(lean.module, a.strategy, d,
+                                       offload=a.fsdp_config.param_offload or a.fsdp_config.optimizer_offload)
+    elif d.enabled:
+        raise KeelError(f"model type {model.config.model_type!r}: data-parallel training needs the lean forward "
+                        "(Llama-family models)")
     # fused: one kernel for all parameters (20.5M: optimizer step 103 -> 26 ms on one CPU thread)
     optimizer = torch.optim.AdamW(model.parameters(), lr=a.optim.lr, weight_decay=a.optim.weight_decay,
                                   betas=tuple(a.optim.betas), fused=True)
@@ -327,10 +345,11 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
 
     def held_out_accuracy() -> dict:
         result = None
+        m, m_lean = whole()
         if main:  # rank 0 evaluates; the others wait for its answer
             try:
                 with autocast:
-                    result = evaluate(model, lean, tok, val_ids, val_rows, reward_fn, k=val_n,
+                    result = evaluate(m, m_lean, tok, val_ids, val_rows, reward_fn, k=val_n,
                                       max_new_tokens=cfg.data.max_response_length, temperature=val_temperature,
                                       top_p=val_top_p, seed=t.seed + 7)
             except rollout.NonFiniteLogits:
@@ -341,7 +360,8 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
     def save(step: int, extra: dict | None = None) -> Path:
         st = {"trainer": dict(state), "controller": controller.state_dict(), "monitor": monitor.state_dict(),
               **(extra or {})}
-        path = checkpoint.save_checkpoint(run_dir, step, model, optimizer, st, keep=t.max_ckpt_to_keep) if main else None
+        m, opt = whole()[0], (distributed.FullOptimizer(optimizer) if plain_copy is not None else optimizer)
+        path = checkpoint.save_checkpoint(run_dir, step, m, opt, st, keep=t.max_ckpt_to_keep) if main else None
         d.barrier()
         return path
 
@@ -366,17 +386,18 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
             g_start, g_end = d.shard(B)
             idx = step_prompts(len(train_rows), B, t.seed, step)[g_start:g_end]
             batch_rows = [train_rows[i] for i in idx]
+            m, m_lean = whole()
             if vllm_engine is not None:  # push this step's weights, then sample in the engine
-                vllm_engine.update_weights(model)
+                vllm_engine.update_weights(m)
                 out = vllm_engine.generate([train_ids[i] for i in idx], G, cfg.data.max_response_length,
                                            r.temperature, r.top_p, seed=t.seed * 1_000_003 + step + 7_919 * d.rank)
             else:
-                model.eval()
+                m.eval()
                 try:
                     with autocast:
-                        out = rollout.generate(model, [train_ids[i] for i in idx], G, cfg.data.max_response_length,
+                        out = rollout.generate(m, [train_ids[i] for i in idx], G, cfg.data.max_response_length,
                                                r.temperature, r.top_p, tok.eos_token_id, tok.pad_token_id, gen,
-                                               lean=lean)
+                                               lean=m_lean)
                 except rollout.NonFiniteLogits:  # the last update broke the weights with finite numbers
                     if not last_finite.taken:
                         raise KeelError(f"model '{cfg.model.path}' gives non-finite logits (NaN/inf) before any "
@@ -387,17 +408,18 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
                     log(f"step {step}: non-finite logits in sampling; restored the weights before step {step - 1}'s "
                         f"update ({state['nonfinite_in_row']} non-finite updates in a row)")
                     if state["nonfinite_in_row"] >= t.max_nonfinite_in_row:
-                        model.train()
+                        m.train()
                         stopped = (f"{state['nonfinite_in_row']} non-finite updates in a row at step {step - 1} "
                                    "(non-finite logits in sampling)")
                         exit_code = 4
                         break
+                    m, m_lean = whole()
                     gen = torch.Generator().manual_seed(t.seed * 1_000_003 + step + 7_919 * d.rank)
                     with autocast:  # the restored weights sampled finite logits before: sample this step with them
-                        out = rollout.generate(model, [train_ids[i] for i in idx], G, cfg.data.max_response_length,
+                        out = rollout.generate(m, [train_ids[i] for i in idx], G, cfg.data.max_response_length,
                                                r.temperature, r.top_p, tok.eos_token_id, tok.pad_token_id, gen,
-                                               lean=lean)
-                model.train()
+                                               lean=m_lean)
+                m.train()
             timing["timing_s/gen"] = time.perf_counter() - t0
             checkpoint.fault_point("gen", step)  # testing aid (KEEL_FAULT_INJECT), inert otherwise
 
@@ -419,12 +441,14 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
             on_policy = a.ppo_epochs == 1 and n_mini == 1  # old log-probs == current ones
             t0 = time.perf_counter()
             with autocast:
-                old_logp = None if on_policy else actor.compute_logprobs(model, lean, packed, r.temperature,
-                                                                         a.entropy_chunk_size)[0]
+                old_logp = None if on_policy else actor.compute_logprobs(
+                    model, lean, packed, r.temperature, a.entropy_chunk_size,
+                    *_rows_tokens(cfg.actor_rollout_ref.log_prob_batching("rollout")))[0]
             timing["timing_s/old_log_prob"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             with autocast:
-                ref_logp = (actor.compute_logprobs(ref_model, ref_lean, packed, r.temperature, a.entropy_chunk_size)[0]
+                ref_logp = (actor.compute_logprobs(ref_model, ref_lean, packed, r.temperature, a.entropy_chunk_size,
+                                                   *_rows_tokens(cfg.actor_rollout_ref.log_prob_batching("ref")))[0]
                             if ref_model is not None and kl_coef > 0 else None)
             timing["timing_s/ref"] = time.perf_counter() - t0
 
@@ -436,7 +460,9 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
                 model, lean, optimizer, packed, advantages.to(device), old_logp, ref_logp, loss_cfg,
                 group_ids=list(range(g_start, g_end)), n_groups=B, group_size=G,
                 mini_batch_groups=a.ppo_mini_batch_size, ppo_epochs=a.ppo_epochs, seed=(t.seed, step),
-                lr=_lr(a.optim, step), grad_clip=a.grad_clip, d=d, autocast=autocast)
+                lr=_lr(a.optim, step), grad_clip=a.grad_clip, d=d, autocast=autocast,
+                micro_batch_size=cfg.actor_rollout_ref.update_batching()[0],
+                max_token_len=cfg.actor_rollout_ref.update_batching()[1])
             if not d.all_true(weights_finite(model)):  # finite gradients, yet the step made weights NaN/inf
                 last_finite.restore()
                 finite_flags = [False] * len(finite_flags)
@@ -462,8 +488,8 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
             step_metrics = {k: _finite_mean(v) for k, v in update_metrics.items()}
             if algorithms.agg_count(packed.mask[:1], a.loss_agg_mode) is None and step_metrics.get("actor/entropy"):
                 # seq-mean-token-sum-norm is a sum over rows: the whole batch's is the sum of its mini-batches'
-                # (and ranks'), which is what verl logs as actor/entropy
-                step_metrics["actor/entropy"] *= n_mini * d.world
+                # (each already summed over micro-batches and ranks), which is what verl logs as actor/entropy
+                step_metrics["actor/entropy"] *= n_mini
             step_metrics.update(metrics.response_metrics(texts, scores, out.response_lengths,
                                                          cfg.data.max_response_length, G))
             step_metrics.update(metrics.regularizer_balance(step_metrics.get("actor/entropy"),
@@ -544,8 +570,9 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
                                                   "reason": stopped}])
     if stopped:
         log(f"run stopped at step {state['step']}: {stopped}")
+    m = whole()[0]
     if main:
-        checkpoint.save_hf_model(model, tok, run_dir / "model")
+        checkpoint.save_hf_model(m, tok, run_dir / "model")
     after = held_out_accuracy()
     result = {"heldout_accuracy_before": (state["eval_before"] or {}).get(val_key),
               "heldout_accuracy_after": after[val_key], "n_heldout": after["n"],
@@ -561,49 +588,62 @@ def ppo_update(model, lean, optimizer, packed: actor.Packed, advantages: torch.T
                old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None, loss_cfg: actor.LossConfig, *,
                group_ids: list[int], n_groups: int, group_size: int, mini_batch_groups: int, ppo_epochs: int,
                seed: tuple[int, int], lr: float, grad_clip: float, d: Dist | None = None,
-               autocast=None) -> tuple[dict[str, list[float]], list[bool]]:
+               autocast=None, micro_batch_size: int = 0,
+               max_token_len: int = 0) -> tuple[dict[str, list[float]], list[bool]]:
     """ppo_epochs x mini-batches of whole groups over this process's rows; returns (metrics, finite per update).
 
     `packed`/`advantages`/`old_logp`/`ref_logp` hold this rank's rows: groups `group_ids` of the step's
     n_groups, G rows each. Mini-batch m of an epoch is the same set of global groups on every rank; each
-    rank takes its members, scales its aggregated loss by local/global count and gradients are summed, so
-    any number of ranks computes exactly the single-process gradient (see keel.distributed).
+    rank runs its members as micro-batches (micro_batch_size rows, or max_token_len tokens, each; 0 = all
+    at once) and each micro-batch's loss is its exact share of the mini-batch loss, so any number of ranks
+    and micro-batches computes the single-pass gradient (see keel.actor.Placement, keel.distributed).
     """
     d = d or Dist()
     autocast = autocast or contextlib.nullcontext()
     step = seed[1]
+    module = actor.train_module(lean) if lean is not None else model
+    if d.enabled and module is model:
+        raise KeelError("data-parallel training needs the lean forward (Llama-family models)")
+    sync = distributed.grad_sync(module)
     position = {g: i for i, g in enumerate(group_ids)}  # global group -> local group index
     metrics_out: dict[str, list[float]] = {}
     finite_flags: list[bool] = []
     for epoch in range(ppo_epochs):
         order = np.random.default_rng([*seed, epoch]).permutation(n_groups)
         for m in range(n_groups // mini_batch_groups):
-            groups = [position[g] for g in order[m * mini_batch_groups : (m + 1) * mini_batch_groups] if g in position]
-            rows = (torch.tensor(groups, dtype=torch.long)[:, None] * group_size + torch.arange(group_size)).flatten()
+            chosen = order[m * mini_batch_groups : (m + 1) * mini_batch_groups]
+            mine = [(slot, position[g]) for slot, g in enumerate(chosen) if g in position]
+            span = torch.arange(group_size)
+            rows = torch.cat([g * group_size + span for _, g in mine]) if mine else torch.zeros(0, dtype=torch.long)
             optimizer.zero_grad(set_to_none=True)
-            lm: dict[str, float] = {}
-            finite = True
-            loss, local = None, 0.0
-            if len(rows):
-                mb = packed.select(rows)
-                with autocast:
-                    loss, lm, _ = actor.grpo_loss(model, lean, mb, advantages[rows],
-                                                  None if old_logp is None else old_logp[rows],
-                                                  None if ref_logp is None else ref_logp[rows], loss_cfg)
-                if checkpoint.fault_point("loss", step):  # testing aid: a NaN loss
-                    loss = loss * float("nan")
-                local = algorithms.agg_count(mb.mask, loss_cfg.loss_agg_mode)  # None: a sum, no rescaling
-                finite = bool(torch.isfinite(loss))
-            total = d.sum(local or 0.0)  # collectives run on every rank, rows or not
+            mb = packed.select(rows) if len(rows) else None
+            micro = actor.micro_batches(mb, micro_batch_size, max_token_len) if mb is not None else []
+            n_micro = d.max(len(micro))
+            place_rows = lengths = None
+            if d.enabled or n_micro > 1:  # shares of the whole mini-batch (every rank's rows)
+                place_rows = (torch.cat([slot * group_size + span for slot, _ in mine]) if mine
+                              else torch.zeros(0, dtype=torch.long)).to(packed.mask.device)
+                mine_len = mb.mask.sum(1).long().cpu().tolist() if mb is not None else []
+                lengths = torch.zeros(len(chosen) * group_size, dtype=torch.long)
+                for slots, lens in d.gather((place_rows.cpu().tolist(), mine_len)):
+                    lengths[slots] = torch.tensor(lens, dtype=torch.long)
+                lengths = lengths.to(packed.mask.device)
+            poison = mb is not None and checkpoint.fault_point("loss", step)  # testing aid: a NaN loss
+            lm, finite = actor.backward_mini_batch(
+                model, lean, mb, advantages[rows], None if old_logp is None else old_logp[rows],
+                None if ref_logp is None else ref_logp[rows], loss_cfg, micro=micro, place_rows=place_rows,
+                lengths=lengths, n_micro=n_micro, loss_scale=float(d.world), fallback=packed.select(torch.arange(1)),
+                sync=sync, autocast=autocast, poison=poison)
+            if d.enabled:  # each rank holds its rows' shares: the mini-batch's metrics are their sums
+                parts = d.gather(lm)
+                lm = {k: sum(p.get(k, 0.0) for p in parts) for k in sorted({k for p in parts for k in p})}
             finite = d.all_true(finite)
-            if finite and loss is not None:
-                (loss * (local / total) if d.enabled and local is not None else loss).backward()
             if finite:
-                d.sum_grads(model)
                 if checkpoint.fault_point("grad", step):  # testing aid: a NaN gradient
                     next(p for p in model.parameters() if p.grad is not None).grad.fill_(float("nan"))
                 clip = grad_clip if grad_clip > 0 else float("inf")
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+                grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
                 finite = math.isfinite(grad_norm)
             if finite:
                 for group in optimizer.param_groups:
@@ -617,6 +657,11 @@ def ppo_update(model, lean, optimizer, packed: actor.Packed, advantages: torch.T
             for k, v in lm.items():
                 metrics_out.setdefault(k, []).append(v)
     return metrics_out, finite_flags
+
+
+def _rows_tokens(batching: tuple[int, int]) -> tuple[bool, int, int]:
+    """compute_logprobs' (with_entropy, micro_batch, max_tokens) for a (rows, tokens) batching."""
+    return False, batching[0], batching[1]
 
 
 def _lr(optim_cfg, step: int) -> float:
