@@ -23,8 +23,9 @@ import torch
 
 @torch.no_grad()
 def weights_finite(model: torch.nn.Module) -> bool:
-    """True when no floating-point parameter holds NaN or ±inf."""
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.is_floating_point())
+    """True when no floating-point parameter holds NaN or ±inf (FSDP2: this rank's shards)."""
+    local = (p.to_local() if hasattr(p, "to_local") else p for p in model.parameters())
+    return all(bool(torch.isfinite(p).all()) for p in local if p.is_floating_point())
 
 
 class LastFinite:
