@@ -168,3 +168,19 @@ def test_weights_made_non_finite_by_a_finite_gradient_are_restored_at_once(tmp_p
     for step in (1, 2):  # every checkpoint holds the starting weights: no update ever stuck
         assert same(tensors(run_dir, step), initial_weights())
     assert all_finite(run_dir)
+
+
+def test_without_the_in_memory_copy_a_broken_update_stops_at_once(tmp_path, monkeypatch, capsys):
+    """trainer.keep_last_finite=false (large models: no 3x-weights copy): the first update that makes the
+    weights non-finite stops the run with exit 4, writes nothing from the broken weights, and names the
+    latest checkpoint as the last finite state."""
+    code, run_dir = train(tmp_path, monkeypatch, "", "trainer.total_training_steps=6", "trainer.max_nonfinite_in_row=3",
+                          "actor_rollout_ref.actor.optim.lr=1e30", "actor_rollout_ref.actor.optim.weight_decay=1e10",
+                          "trainer.keep_last_finite=false")
+    assert code == EXIT_NONFINITE_STOP
+    assert not (run_dir / "checkpoints").exists() or not list((run_dir / "checkpoints").glob("step_*"))
+    assert not (run_dir / "model").exists() and not (run_dir / "eval.json").exists()
+    reason = (run_dir / "STOPPED").read_text()
+    assert reason.startswith("the update of step 1 made the weights non-finite; trainer.keep_last_finite=false, "
+                             "so the starting model embedded (no checkpoint yet) is the last finite state")
+    assert "run stopped at step 0" in capsys.readouterr().out

@@ -66,7 +66,10 @@ def cmd_demo(args) -> int:
     return result.exit_code
 
 
-def _print_eval(ev: dict, run_dir: Path) -> None:
+def _print_eval(ev: dict | None, run_dir: Path) -> None:
+    if ev is None:  # stopped with broken weights: nothing was evaluated
+        print(f"run directory: {run_dir}")
+        return
     before, after = ev.get("heldout_accuracy_before"), ev.get("heldout_accuracy_after")
     fmt = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"  # noqa: E731
     how = "greedy" if ev.get("temperature") == 0 else f"sampled at T={ev.get('temperature')}"

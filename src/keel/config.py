@@ -382,6 +382,10 @@ class TrainerConfig:
     device: str = "auto"
     # non-finite updates in a row that stop the run
     max_nonfinite_in_row: int = 5
+    # keep an in-memory copy of the weights + optimizer state before each update, so an update that makes the
+    # weights non-finite is undone exactly (costs 3x the fp32 weights with AdamW); false: such an update stops the
+    # run (exit 4) and the last periodic checkpoint is the last finite state
+    keep_last_finite: bool = True
     # resume: disable | auto (continue from the latest complete checkpoint in run_dir)
     resume: str = "disable"
     # completions written to samples.jsonl every step

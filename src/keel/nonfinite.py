@@ -11,7 +11,9 @@ becomes about ±1e30, and the next forward overflows). Two checks catch that:
 Either way the trainer restores :class:`LastFinite` -- the parameters and optimizer state as they were
 right before the update, taken after those weights had just sampled finite logits -- and counts the
 update(s) as non-finite, exactly like a skipped NaN update (``actor/nonfinite_skips``,
-``trainer.max_nonfinite_in_row``). The copy costs one model's parameters and optimizer state in memory.
+``trainer.max_nonfinite_in_row``). The copy costs one model's parameters and optimizer state in memory
+(3x the fp32 weights with AdamW); with ``trainer.keep_last_finite=false`` no copy is kept and a broken
+update stops the run at once (exit 4), leaving the last periodic checkpoint as the last finite state.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ def weights_finite(model: torch.nn.Module) -> bool:
 class LastFinite:
     """An in-memory copy of (parameters, optimizer state, trainer counters), restorable in place."""
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
-        self.model, self.optimizer = model, optimizer
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, enabled: bool = True):
+        self.model, self.optimizer, self.enabled = model, optimizer, enabled
         self._params: list[torch.Tensor] | None = None
         self._optim: dict | None = None
         self.counters: dict = {}  # the trainer's non-finite counters when the copy was taken
@@ -43,6 +45,8 @@ class LastFinite:
 
     @torch.no_grad()
     def take(self, counters: dict) -> None:
+        if not self.enabled:  # trainer.keep_last_finite=false: no copy (a large model's memory matters more)
+            return
         params = [p.detach() for p in self.model.parameters()]
         if self._params is None:
             self._params = [p.clone() for p in params]

@@ -371,7 +371,8 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
 
     bar = _progress(main and progress and "console" in t.logger, t.total_training_steps, state["step"])
     stopped, exit_code = None, 0
-    last_finite = LastFinite(model, optimizer)  # weights + optimizer state before the latest update (keel.nonfinite)
+    broken = None  # why the weights are non-finite with no copy to restore (trainer.keep_last_finite=false)
+    last_finite = LastFinite(model, optimizer, enabled=t.keep_last_finite)  # weights + optimizer state before the latest update (keel.nonfinite)
     model.train()
     try:
         for step in range(state["step"] + 1, t.total_training_steps + 1):
@@ -399,6 +400,10 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
                                                r.temperature, r.top_p, tok.eos_token_id, tok.pad_token_id, gen,
                                                lean=m_lean)
                 except rollout.NonFiniteLogits:  # the last update broke the weights with finite numbers
+                    if not last_finite.enabled and state["step"] > 0:
+                        broken = f"non-finite logits in sampling at step {step} (the update of step {step - 1})"
+                        m.train()
+                        break
                     if not last_finite.taken:
                         raise KeelError(f"model '{cfg.model.path}' gives non-finite logits (NaN/inf) before any "
                                         "update of this run: its weights are broken") from None
@@ -464,6 +469,9 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
                 micro_batch_size=cfg.actor_rollout_ref.update_batching()[0],
                 max_token_len=cfg.actor_rollout_ref.update_batching()[1])
             if not d.all_true(weights_finite(model)):  # finite gradients, yet the step made weights NaN/inf
+                if not last_finite.enabled:
+                    broken = f"the update of step {step} made the weights non-finite"
+                    break
                 last_finite.restore()
                 finite_flags = [False] * len(finite_flags)
                 update_metrics.pop("actor/grad_norm", None)
@@ -561,6 +569,17 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
         bar.close()
         if tracker is not None:
             tracker.close()
+
+    if broken is not None:  # nothing finite in memory to save or evaluate: the last checkpoint is the last finite state
+        last = checkpoint.find_latest(run_dir) if main else None
+        where = f"the checkpoint {last.path}" if last is not None else f"the starting model {cfg.model.path} (no checkpoint yet)"
+        stopped, exit_code = f"{broken}; trainer.keep_last_finite=false, so {where} is the last finite state", 4
+        if main:
+            (run_dir / "STOPPED").write_text(stopped + "\n")
+            append_jsonl(run_dir / "health.jsonl", [{"step": state["step"], "rule": "run", "verdict": "stop",
+                                                      "reason": stopped}])
+        log(f"run stopped at step {state['step']}: {stopped}")
+        return TrainResult(run_dir, None, stopped, exit_code)
 
     # ---- the end: final checkpoint (stop: the reason alongside), model directory, held-out accuracy
     save(state["step"])
