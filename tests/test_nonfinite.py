@@ -211,3 +211,20 @@ def test_last_finite_restores_weights_and_adamw_state_exactly():
     assert not weights_finite(model)
     guard.restore()
     assert weights_finite(model)
+
+
+def test_sampling_refuses_non_finite_logits_greedy_sampled_and_nucleus():
+    import pytest
+
+    from keel.rollout import NonFiniteLogits, _sample
+
+    gen = torch.Generator().manual_seed(0)
+    good = torch.tensor([[0.0, 2.0, -float("inf")], [1.0, 0.0, 0.0]])  # -inf is a masked token, not an error
+    assert _sample(good, 0.0, 1.0, gen).tolist() == [1, 0]
+    assert _sample(good, 1.0, 0.5, gen)[0].item() == 1
+    for bad in (float("nan"), float("inf")):
+        logits = good.clone()
+        logits[1, 2] = bad
+        for temperature, top_p in ((0.0, 1.0), (1.0, 1.0), (0.7, 0.9)):
+            with pytest.raises(NonFiniteLogits):
+                _sample(logits, temperature, top_p, gen)
