@@ -184,3 +184,63 @@ def test_without_the_in_memory_copy_a_broken_update_stops_at_once(tmp_path, monk
     assert reason.startswith("the update of step 1 made the weights non-finite; trainer.keep_last_finite=false, "
                              "so the starting model embedded (no checkpoint yet) is the last finite state")
     assert "run stopped at step 0" in capsys.readouterr().out
+
+
+def test_last_finite_restores_weights_and_adamw_state_exactly():
+    """take -> two AdamW steps -> restore gives back every tensor bit for bit, also from an empty optimizer state."""
+    from keel.modeling import build_embedded
+    from keel.nonfinite import LastFinite, weights_finite
+    from keel.tasks import TASK_ALPHABET
+
+    model, _ = build_embedded(TASK_ALPHABET, seed=0, hidden=16, layers=1, heads=2, mlp=32)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    ids = torch.tensor([[3, 4, 5, 6]])
+
+    def update(lr: float = 1e-2) -> None:
+        optimizer.param_groups[0]["lr"] = lr
+        optimizer.zero_grad()
+        model(input_ids=ids).logits.square().mean().backward()
+        optimizer.step()
+
+    def snapshot() -> tuple[dict, dict]:
+        state = {f"{i}.{k}": v.clone() for i, p in enumerate(model.parameters())
+                 for k, v in optimizer.state.get(p, {}).items()}
+        return {k: v.clone() for k, v in model.state_dict().items()}, state
+
+    guard = LastFinite(model, optimizer)
+    guard.take({"nonfinite_in_row": 0})  # before the first step: the optimizer has no state yet
+    first = snapshot()
+    update()
+    guard.restore()
+    assert same(snapshot()[0], first[0]) and snapshot()[1] == {} == first[1]
+    update()
+    update()
+    guard.take({"nonfinite_in_row": 2})  # the buffers are reused from here on
+    second = snapshot()
+    update(lr=1e30)
+    update(lr=1e30)
+    assert not same(snapshot()[0], second[0])
+    guard.restore()
+    assert same(snapshot()[0], second[0]) and same(snapshot()[1], second[1]) and guard.counters == {"nonfinite_in_row": 2}
+    with torch.no_grad():
+        next(model.parameters())[0, 0] = float("inf")
+    assert not weights_finite(model)
+    guard.restore()
+    assert weights_finite(model)
+
+
+def test_sampling_refuses_non_finite_logits_greedy_sampled_and_nucleus():
+    import pytest
+
+    from keel.rollout import NonFiniteLogits, _sample
+
+    gen = torch.Generator().manual_seed(0)
+    good = torch.tensor([[0.0, 2.0, -float("inf")], [1.0, 0.0, 0.0]])  # -inf is a masked token, not an error
+    assert _sample(good, 0.0, 1.0, gen).tolist() == [1, 0]
+    assert _sample(good, 1.0, 0.5, gen)[0].item() == 1
+    for bad in (float("nan"), float("inf")):
+        logits = good.clone()
+        logits[1, 2] = bad
+        for temperature, top_p in ((0.0, 1.0), (1.0, 1.0), (0.7, 0.9)):
+            with pytest.raises(NonFiniteLogits):
+                _sample(logits, temperature, top_p, gen)

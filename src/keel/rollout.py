@@ -48,18 +48,30 @@ class NonFiniteLogits(RuntimeError):
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
-    """logits (A, V) -> token ids (A,); temperature 0 = greedy. NonFiniteLogits if any logit is NaN/inf."""
-    if not bool(torch.isfinite(logits).all()):
-        raise NonFiniteLogits("non-finite logits in sampling (NaN or inf)")
+    """logits (A, V) -> token ids (A,); temperature 0 = greedy. NonFiniteLogits if a row's logits hold NaN/+inf.
+
+    The checks ride on work done anyway: a NaN/+inf logit is what argmax picks, and it makes its row's
+    probabilities NaN, which torch.multinomial refuses on the CPU (on a GPU the probabilities' sum is checked).
+    """
     if temperature == 0:
-        return logits.argmax(-1)
+        tok = logits.argmax(-1)
+        if not bool(torch.isfinite(logits.gather(-1, tok[:, None])).all()):
+            raise NonFiniteLogits("non-finite logits in sampling (NaN or inf)")
+        return tok
     probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if probs.device.type != "cpu" and not bool(torch.isfinite(probs.sum())):
+        raise NonFiniteLogits("non-finite logits in sampling (NaN or inf)")
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         cumulative = sorted_p.cumsum(-1)
         sorted_p[(cumulative - sorted_p) >= top_p] = 0.0  # keep the smallest prefix reaching top_p
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    try:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    except RuntimeError as e:  # "probability tensor contains either `inf`, `nan` or element < 0"
+        if "inf" not in str(e) or "nan" not in str(e):
+            raise
+        raise NonFiniteLogits(f"non-finite logits in sampling ({e})") from None
 
 
 @torch.no_grad()
