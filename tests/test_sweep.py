@@ -97,7 +97,7 @@ def test_task_score_regression_is_its_own_outcome(tmp_path):
     # held-out accuracy below its first evaluation (val/accuracy every 10 steps) = Regressed at that evaluation
     with open(run / "metrics.jsonl", "w") as f:
         for step in range(1, 31):
-            val = {10: 0.43, 20: 0.44, 30: 0.39}.get(step)
+            val = {10: 0.43, 20: 0.40, 30: 0.37}.get(step)  # 3 points under the start is noise; 6 is a fall
             f.write(json.dumps({"step": step, **HEALTHY, "critic/score/mean": 0.6,
                                 **({"val/accuracy": val} if val else {})}) + "\n")
     assert classify_outcome(run, 0, rules="embedded") == ("Regressed", 30)

@@ -466,8 +466,8 @@ def seed_spread_figure(sweep: Sweep) -> Figure | None:
     ax.set_xticks(range(len(sweep.rows)))
     ax.set_xticklabels([row[col["run"]] for row in sweep.rows], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("held-out accuracy")
-    ax.set_title(f"{sweep.path.name}: held-out accuracy after training per seed (dots), mean ± SE (bar), "
-                 "before (circle)", fontsize=9)
+    ax.set_title(f"{sweep.path.name}: held-out accuracy after training\n"
+                 "each seed (dots), mean ± SE (bar), mean before (circle)", fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
