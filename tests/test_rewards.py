@@ -2,6 +2,9 @@
 
 import json
 import math
+import os
+import re
+import signal
 import threading
 import time
 from decimal import Decimal
@@ -371,3 +374,126 @@ def test_metrics_are_finite_numbers():
     totals, metrics = build_reward(cfg_with())(["p"], ["\\boxed{2}"], [row("2")], [1])
     assert totals == [1.0]
     assert all(isinstance(v, float) and math.isfinite(v) for v in metrics.values())
+
+
+# --------------------------------------------------------------------------- deadlines and escapes (issue 14)
+
+
+HOSTILE = '''
+import sys, time
+
+def sleeps(prompts, completions, **kwargs):
+    time.sleep(40)
+    return [1.0] * len(completions)
+
+def swallows_everything(prompts, completions, **kwargs):
+    """a busy loop whose `except Exception` would swallow a deadline that is an Exception"""
+    while True:
+        try:
+            time.sleep(0.01)
+        except Exception:
+            pass
+
+def exits(prompts, completions, **kwargs):
+    sys.exit(0)
+
+def interrupts(prompts, completions, **kwargs):
+    raise KeyboardInterrupt
+
+class Odd(BaseException):
+    pass
+
+def raises_base(prompts, completions, **kwargs):
+    raise Odd("not an Exception")
+
+def verl_slow(data_source, solution_str, ground_truth, extra_info=None):
+    time.sleep(0.3)
+    return 1.0
+'''
+
+
+@pytest.fixture()
+def hostile_file(tmp_path):
+    path = tmp_path / "hostile_rewards.py"
+    path.write_text(HOSTILE)
+    return path
+
+
+def _scorer(path, name, **reward):
+    reward = build_reward(cfg_with(reward={"functions": [f"{path}:{name}"], **reward}))
+    return lambda n: reward(["p"] * n, ["c"] * n, [row(str(i)) for i in range(n)], [1] * n)
+
+
+@pytest.mark.parametrize("name", ["sleeps", "swallows_everything"])
+def test_a_custom_function_past_the_batch_deadline_scores_0_and_stops_after_max_failed_batches(hostile_file, name):
+    score = _scorer(hostile_file, name, batch_timeout_s=0.5, max_failed_batches=3)
+    for _ in range(2):
+        t0 = time.monotonic()
+        totals, metrics = score(4)
+        assert time.monotonic() - t0 < 0.5 + 1.0  # the deadline, not 40 s (or forever)
+        assert totals == [0.0] * 4 and metrics["reward/timeouts"] == 4 and metrics["reward/errors"] == 0
+    with pytest.raises(KeelError, match=rf"^reward function '{name}' timed out on every sample of 3 batches in a row "
+                                        r"\(reward.batch_timeout_s=0.5\); make it faster, raise the limit or remove it "
+                                        r"from reward.functions \(reward.max_failed_batches=3\)$"):
+        score(4)
+
+
+def test_a_slow_verl_function_keeps_the_samples_scored_before_the_deadline(hostile_file):
+    """0.3 s per sample, 0.75 s for the batch: two samples scored, the other three time out."""
+    totals, metrics = _scorer(hostile_file, "verl_slow", batch_timeout_s=0.75)(5)
+    assert totals == [1.0, 1.0, 0.0, 0.0, 0.0]
+    assert metrics["reward/timeouts"] == 3
+
+
+def test_the_deadline_holds_outside_the_main_thread(hostile_file):
+    score, got = _scorer(hostile_file, "sleeps", batch_timeout_s=0.5), {}
+
+    def work():
+        t0 = time.monotonic()
+        got["result"] = score(2)
+        got["seconds"] = time.monotonic() - t0
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join(timeout=30)
+    assert got["result"] == ([0.0, 0.0], {"reward/errors": 0.0, "reward/not_applicable": 0.0, "reward/timeouts": 2.0,
+                                          "reward/sleeps/mean": 0.0})
+    assert got["seconds"] < 1.5
+
+
+@pytest.mark.parametrize("name, raised", [("exits", "SystemExit(0)"), ("interrupts", "KeyboardInterrupt()"),
+                                          ("raises_base", "Odd('not an Exception')")])
+def test_sys_exit_or_keyboard_interrupt_in_a_function_is_its_failure(hostile_file, caplog, name, raised):
+    """Before: sys.exit(0) ended the whole run with exit 0; a raised KeyboardInterrupt read as the user's Ctrl-C."""
+    score = _scorer(hostile_file, name, error_score=-1.0, max_failed_batches=2)
+    totals, metrics = score(3)
+    assert totals == [-1.0] * 3 and metrics["reward/errors"] == 3
+    assert [r.getMessage() for r in caplog.records if r.name == "keel.rewards"] == [
+        f"reward function '{name}' failed on a sample (RewardExit: raised {raised}); scored -1.0"]
+    with pytest.raises(KeelError, match=rf"^reward function '{name}' failed on every sample of 2 batches in a row "
+                                        rf"\(last error RewardExit: raised {re.escape(raised)}\)"):
+        score(3)
+
+
+def test_a_real_ctrl_c_during_a_reward_function_is_still_the_users_interrupt(hostile_file):
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        pytest.skip("SIGINT is not Python's default handler here")
+    score = _scorer(hostile_file, "sleeps", batch_timeout_s=30)
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        score(2)
+    assert time.monotonic() - t0 < 5
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back as it was
+
+
+def test_math_verify_batch_has_a_deadline_for_the_whole_batch():
+    """8 distinct hanging answers at 1 s each would take 8 s and more with one worker; the batch gets 2 s."""
+    hanging = [f"\\boxed{{9^{{9^{{9^{{{n}}}}}}}}}" for n in range(3, 11)]
+    t0 = time.monotonic()
+    results = math_verify_batch(["\\boxed{5}"] + hanging, ["5"] * 9, timeout_s=1.0, batch_timeout_s=2.0)
+    seconds = time.monotonic() - t0
+    assert results[0] == 1.0  # the fast path: plain numbers never reach the pool
+    assert all(isinstance(r, VerifyTimeout) for r in results[1:])
+    assert seconds < 2.0 + 1.5, seconds

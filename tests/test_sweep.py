@@ -16,7 +16,8 @@ import yaml
 
 from keel.config import parse_override
 from keel.errors import KeelError
-from keel.sweep import classify_outcome, last_error_line, load_sweep_spec, override_text, run_sweep, sweep_main
+from keel.sweep import (agreement, classify_outcome, last_error_line, load_sweep_spec, outcome_counts, override_text,
+                        parse_seeds, run_sweep, setting_rows, sweep_main)
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "sweeps" / "smoke.yaml"
@@ -84,6 +85,24 @@ def test_earliest_problem_names_the_outcome(tmp_path):
     assert classify_outcome(run, 0) == ("Diverged", 4)
 
 
+def test_task_score_regression_is_its_own_outcome(tmp_path):
+    # every proxy healthy, the training score falls 0.6 -> 0.3 at step 6: the embedded score rule (EMA 0.9,
+    # > 0.1 below its best for 10 steps) calls it: k steps after the fall the gap is 0.3 (1 - 0.9^k) > 0.1 from
+    # k = 4 (step 9, 0.3 x 0.3439 = 0.103): bad at step 18
+    run = write_trace(tmp_path / "r", 25)
+    with open(run / "metrics.jsonl", "w") as f:
+        for step in range(1, 26):
+            f.write(json.dumps({"step": step, **HEALTHY, "critic/score/mean": 0.6 if step < 6 else 0.3}) + "\n")
+    assert classify_outcome(run, 0, rules="embedded") == ("Regressed", 18)
+    # held-out accuracy below its first evaluation (val/accuracy every 10 steps) = Regressed at that evaluation
+    with open(run / "metrics.jsonl", "w") as f:
+        for step in range(1, 31):
+            val = {10: 0.43, 20: 0.44, 30: 0.39}.get(step)
+            f.write(json.dumps({"step": step, **HEALTHY, "critic/score/mean": 0.6,
+                                **({"val/accuracy": val} if val else {})}) + "\n")
+    assert classify_outcome(run, 0, rules="embedded") == ("Regressed", 30)
+
+
 def test_exit_codes(tmp_path):
     run = write_trace(tmp_path / "r", 7)
     assert classify_outcome(run, 4) == ("Diverged", 7)  # the non-finite guard
@@ -100,10 +119,9 @@ def test_exit_codes(tmp_path):
 
 
 def test_rules_argument_and_run_config_pick_the_rule_set(tmp_path):
-    # the lab log's V1 "Too random (8.0)" on the Qwen3 scale; the lablog rules judge entropy from step 100
+    # the lab log's V1 "Too random (8.0)" on the Qwen3 scale; lablog judges its bad ranges after 10 settling steps
     run = write_trace(tmp_path / "r", 110, **{"actor/entropy": (1, 8.0), "response_length/pos/mean": (1, 900.0)})
-    outcome, step = classify_outcome(run, None, rules="lablog")
-    assert outcome == "Too random" and step >= 100
+    assert classify_outcome(run, None, rules="lablog") == ("Too random", 14)  # bad steps 10..14
     assert classify_outcome(run, None) == ("Too random", 9)  # the run's own RULES: bad > 1.0 from step 5
     (run / "config.yaml").write_text(yaml.safe_dump({"monitor": {"rules": "lablog", "extra_rules": [
         {"metric": "actor/entropy", "good": [3.0, 6.0], "bad": [[None, 1.0], [9.0, None]]}]}}))
@@ -176,12 +194,13 @@ def test_missing_base_and_shipped_seed_sweep(tmp_path):
     path.write_text("base: nope.yaml\nruns: [{name: a}]\n")
     with pytest.raises(KeelError, match="key 'base' names .*nope.yaml', which does not exist"):
         load_sweep_spec(path)
-    seed = load_sweep_spec(SEED)  # the shipped lab-log sweep: V0-V3, the scaled grid, one band-controller run
-    names = [r.name for r in seed.runs]
-    assert names[:4] == ["V0", "V1", "V2", "V3"] and len(names) == 10 and seed.n_jobs == 2
-    assert seed.runs[3].values == {EC: 0.01, "actor_rollout_ref.actor.kl_loss_coef": 0.05}
-    assert [r.values[EC] for r in seed.runs if r.source == "grid"] == [0.02, 0.05, 0.1, 0.2, 0.3]
-    assert seed.runs[4].name == "band" and seed.runs[4].values["control.type"] == "band" and seed.summary_step == 100
+    seed = load_sweep_spec(SEED)  # the shipped lab-log sweep: V0-V3, the entropy-preserving losses, keel; 3 seeds
+    settings = list(dict.fromkeys(r.setting for r in seed.runs))
+    assert settings == ["V0", "V1", "V2", "V3", "clip_cov", "kl_cov", "top_entropy", "keel"] and seed.seeds == [1, 2, 3]
+    assert len(seed.runs) == 24 and seed.n_jobs == 2 and seed.summary_step == 100
+    assert seed.runs[3].name == "V3-s1" and seed.runs[3].values == {
+        EC: 0.01, "actor_rollout_ref.actor.kl_loss_coef": 0.05, "trainer.seed": 1}
+    assert seed.runs[-1].name == "keel-s3" and seed.runs[-1].values == {"control.type": "dual", "trainer.seed": 3}
 
 
 # --------------------------------------------------------------------------- real sweeps
@@ -289,3 +308,77 @@ def test_optuna_search_prunes_by_health_and_by_median_then_resumes(tmp_path):
     run_sweep(spec, out, log=lines.append)  # the budget is spent: no new trial
     assert "3 trials (3 used)" in lines[0] and not any(x.startswith("start") for x in lines)
     assert len(optuna.load_study(study_name="search", storage=f"sqlite:///{out / 'optuna.db'}").trials) == 3
+
+
+# --------------------------------------------------------------------------- seeds
+
+
+def test_seeds_expand_every_run_and_the_command_line_replaces_them(tmp_path):
+    spec = load_sweep_spec(write_spec(tmp_path, {"seeds": [1, 2], "runs": [{"name": "a", "set": {EC: 0.0}}],
+                                                 "grid": {"name": "ec{entropy_coeff}", "params": {EC: [0.01]}}}))
+    assert [(r.name, r.setting, r.seed, r.values["trainer.seed"]) for r in spec.runs] == [
+        ("a-s1", "a", 1, 1), ("ec0.01-s1", "ec0.01", 1, 1), ("a-s2", "a", 2, 2), ("ec0.01-s2", "ec0.01", 2, 2)]
+    assert "trainer.seed=2" in spec.run_overrides(spec.runs[2])
+    assert [r.name for r in load_sweep_spec(write_spec(tmp_path, {"seeds": [1, 2], "runs": [{"name": "a"}]}),
+                                            seeds=[7]).runs] == ["a-s7"]
+    assert parse_seeds("1, 2,3") == [1, 2, 3]
+    for text in ("1,1", "a", "-1", ""):
+        with pytest.raises(KeelError, match="--seeds must"):
+            parse_seeds(text)
+    with pytest.raises(KeelError, match=r"key 'seeds' must be a non-empty list of distinct integers >= 0"):
+        load_sweep_spec(write_spec(tmp_path, {"seeds": [1, 1], "runs": [{"name": "a"}]}))
+    with pytest.raises(KeelError, match=r"key 'seeds' cannot be combined with run 'a', which sets trainer.seed"):
+        load_sweep_spec(write_spec(tmp_path, {"seeds": [1], "runs": [{"name": "a", "set": {"trainer.seed": 3}}]}))
+
+
+def test_outcome_counts_and_setting_rows(tmp_path):
+    assert outcome_counts(["Stable", "Diverged", "Stable", "Stable", "Stable"]) == "Stable 4/5, Diverged 1/5"
+    assert outcome_counts(["Diverged", "Collapsed"]) == "Collapsed 1/2, Diverged 1/2"  # ties: the Outcome order
+    spec = load_sweep_spec(write_spec(tmp_path, {"seeds": [1, 2, 3], "summary_step": 5,
+                                                 "runs": [{"name": "a", "set": {EC: 0.0}}]}))
+    rows = [{"run": "a-s1", "source": "list", "entropy_coeff": 0.0, "trainer.seed": 1, "outcome": "Stable",
+             "bad_step": None, "heldout_acc_before": 0.43, "heldout_acc_after": 0.50},
+            {"run": "a-s2", "source": "list", "entropy_coeff": 0.0, "trainer.seed": 2, "outcome": "Diverged",
+             "bad_step": 40, "heldout_acc_before": 0.42, "heldout_acc_after": 0.30},
+            {"run": "a-s3", "source": "list", "entropy_coeff": 0.0, "trainer.seed": 3, "outcome": "Regressed",
+             "bad_step": 60, "heldout_acc_before": 0.41, "heldout_acc_after": 0.40}]
+    (row,) = setting_rows(spec, rows)
+    # after: mean 0.4, sd sqrt(((0.1)^2 + (0.1)^2 + 0) / 2) = 0.1, SE 0.1 / sqrt 3 = 0.057735
+    assert (row["run"], row["outcome"], row["seeds"], row["bad_step_median"]) == (
+        "a", "Stable 1/3, Diverged 1/3, Regressed 1/3", 3, 50)
+    assert row["heldout_acc_after"] == pytest.approx(0.4) and row["heldout_acc_after_se"] == pytest.approx(0.057735, abs=1e-6)
+    assert row["heldout_acc_before"] == pytest.approx(0.42) and row["heldout_acc_after_mean_se"] == "0.400 ± 0.058"
+    assert (row["outcome_s2"], row["bad_step_s3"], row["heldout_acc_after_s1"]) == ("Diverged", 60, 0.50)
+    assert "trainer.seed" not in row and row["entropy_coeff"] == 0.0
+    # the agreement of verdicts with held-out accuracy: s2 and s3 fell and are unhealthy, s1 gained 7 points (flat)
+    a = agreement(rows + [{"run": "b", "outcome": "Stable", "heldout_acc_before": 0.4, "heldout_acc_after": 0.38},
+                          {"run": "c", "outcome": "Collapsed", "heldout_acc_before": 0.4, "heldout_acc_after": 0.8}])
+    assert a["cells"] == {"fell/unhealthy": 2, "fell/healthy": 1, "flat/unhealthy": 0, "flat/healthy": 1,
+                          "gained/unhealthy": 1, "gained/healthy": 0}
+    assert (a["misses"], a["false_alarms"]) == (["b"], ["c"])
+    assert a["precision"] == pytest.approx(2 / 3) and a["recall"] == pytest.approx(2 / 3)
+
+
+def test_tiny_sweep_over_seeds_summarises_and_resumes_per_seed(tmp_path):
+    smoke = yaml.safe_load(SMOKE.read_text())
+    spec = write_spec(tmp_path, {"name": "seeds", "n_jobs": 2, "poll_s": 0.1, "seeds": [1, 2],
+                                 "overrides": {**smoke["overrides"], "trainer.total_training_steps": 2,
+                                               "trainer.val_before_train": True, "data.val_size": 8},
+                                 "runs": [{"name": "keel", "set": {"control.type": "dual"}}]})
+    out = tmp_path / "sw"
+    run_sweep(spec, out, log=lambda _: None)
+    rows = read_summary(out)
+    assert list(rows) == ["keel"] and rows["keel"]["outcome"] == "Stable 2/2" and rows["keel"]["control.type"] == "dual"
+    assert {rows["keel"]["outcome_s1"], rows["keel"]["outcome_s2"]} == {"Stable"}
+    for key in ("heldout_acc_before", "heldout_acc_after", "heldout_acc_after_s1", "heldout_acc_after_s2"):
+        assert 0.0 <= float(rows["keel"][key]) <= 1.0, key
+    with open(out / "runs.csv", newline="") as f:
+        assert [r["run"] for r in csv.DictReader(f)] == ["keel-s1", "keel-s2"]
+    md = (out / "summary.md").read_text()
+    assert "## Per setting, over seeds 1, 2" in md and "## Verdict vs held-out accuracy" in md
+    record = (out / "runs" / "keel-s1" / "sweep_run.json").read_text()
+    lines = []
+    run_sweep(spec, out, log=lines.append, seeds=[1, 2, 3])  # a third seed: only it runs
+    assert "3 runs (2 finished, 1 to run)" in lines[0], lines
+    assert (out / "runs" / "keel-s1" / "sweep_run.json").read_text() == record
+    assert read_summary(out)["keel"]["outcome"] == "Stable 3/3"

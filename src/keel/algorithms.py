@@ -13,6 +13,7 @@ valid names.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import Enum
 from typing import Callable
 
@@ -336,3 +337,157 @@ def logprobs_and_entropy(
         return logp, None
     entropy = torch.cat(entropies).reshape(lead) if entropies else torch.zeros_like(logp)
     return logp, entropy
+
+
+# --------------------------------------------------------------------------- policy-loss registry
+
+
+class PolicyLossMode(str, Enum):
+    """Names of the built-in policy losses (config key ``actor_rollout_ref.actor.policy_loss.loss_mode``, verl's)."""
+
+    VANILLA = "vanilla"  # compute_policy_loss: PPO clip + clip-higher + dual-clip
+    CLIP_COV = "clip_cov"  # Cui et al. 2025 (arXiv 2505.22617): detach a few high-covariance tokens
+    KL_COV = "kl_cov"  # Cui et al. 2025: a |log-ratio| penalty on the highest-covariance tokens
+
+
+@dataclass(frozen=True)
+class PolicyLossKnobs:
+    """Every hyperparameter a registered policy loss may read (each loss documents the ones it uses)."""
+
+    clip_ratio_low: float = 0.2
+    clip_ratio_high: float = 0.2
+    clip_ratio_c: float = 3.0
+    clip_cov_ratio: float = 0.0002  # clip_cov: share of response tokens detached
+    clip_cov_lb: float = 1.0  # clip_cov: covariance range a detached token is drawn from
+    clip_cov_ub: float = 5.0
+    kl_cov_ratio: float = 0.0002  # kl_cov: share of response tokens penalised
+    ppo_kl_coef: float = 1.0  # kl_cov: weight of the |log-ratio| penalty
+
+
+# (log_prob (N, L), old_log_prob (N, L), advantages (N, L), response_mask (N, L), loss_agg_mode, norm_len, knobs)
+#   -> (loss scalar, detached scalar metrics)
+PolicyLossFn = Callable[..., tuple[Tensor, dict[str, Tensor]]]
+POLICY_LOSS_REGISTRY: dict[str, PolicyLossFn] = {}
+
+
+def register_policy_loss(name: str | PolicyLossMode) -> Callable[[PolicyLossFn], PolicyLossFn]:
+    """Decorator: ``@register_policy_loss(PolicyLossMode.CLIP_COV)`` or ``@register_policy_loss("my_loss")``."""
+    key = str(getattr(name, "value", name))
+
+    def decorator(fn: PolicyLossFn) -> PolicyLossFn:
+        if key in POLICY_LOSS_REGISTRY and POLICY_LOSS_REGISTRY[key] is not fn:
+            raise ValueError(f"policy loss {key!r} is already registered")
+        POLICY_LOSS_REGISTRY[key] = fn
+        return fn
+
+    return decorator
+
+
+def get_policy_loss(name: str | PolicyLossMode) -> PolicyLossFn:
+    key = str(getattr(name, "value", name))
+    if key not in POLICY_LOSS_REGISTRY:
+        raise _unknown("actor_rollout_ref.actor.policy_loss.loss_mode", name, list(POLICY_LOSS_REGISTRY))
+    return POLICY_LOSS_REGISTRY[key]
+
+
+@register_policy_loss(PolicyLossMode.VANILLA)
+def compute_policy_loss_vanilla(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
+                                loss_agg_mode: str, norm_len: int | None, knobs: PolicyLossKnobs):
+    """The PPO clipped surrogate of :func:`compute_policy_loss` (clip_ratio_low/high, clip_ratio_c)."""
+    return compute_policy_loss(log_prob, old_log_prob, advantages, response_mask, knobs.clip_ratio_low,
+                               knobs.clip_ratio_high, knobs.clip_ratio_c, loss_agg_mode, norm_len)
+
+
+def token_covariance(log_prob: Tensor, advantages: Tensor, response_mask: Tensor) -> Tensor:
+    """Per-token centred product  cov_t = (A_t - mean A) * (logp_t - mean logp)  over response tokens (detached).
+
+    Cui et al. 2025: entropy falls by about the covariance of log-prob and advantage, so the tokens with
+    the largest cov_t are the ones driving the collapse. Means are masked means over the whole batch. (N, L)
+    """
+    lp, adv = log_prob.detach().float(), advantages.detach().float()
+    return (adv - masked_mean(adv, response_mask)) * (lp - masked_mean(lp, response_mask))  # (N, L)
+
+
+@register_policy_loss(PolicyLossMode.CLIP_COV)
+def compute_policy_loss_clip_cov(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
+                                 loss_agg_mode: str, norm_len: int | None, knobs: PolicyLossKnobs):
+    """Clip-Cov (Cui et al. 2025, arXiv 2505.22617; verl ``loss_mode: clip_cov``).
+
+        ratio = exp(logp - logp_old);   pg = max(-A * ratio, -A * clip(ratio, 1 - clip_ratio_low, 1 + clip_ratio_high))
+        S     = response tokens the PPO clip leaves alone with clip_cov_lb < cov_t < clip_cov_ub
+        D     = max(1, floor(clip_cov_ratio * #response tokens)) tokens drawn from S at random (all of S if fewer)
+        loss  = agg(pg * (1 - 1[t in D]), mask)        the drawn tokens get no gradient (no dual clip)
+
+    Uses clip_ratio_low/high, clip_cov_ratio, clip_cov_lb, clip_cov_ub. Metrics: ``actor/pg_clipfrac`` = share of
+    response tokens detached (verl's), ``actor/ppo_kl``; ``actor/cov_selected`` = |D|.
+    """
+    adv = advantages.unsqueeze(-1) if advantages.dim() == log_prob.dim() - 1 else advantages
+    adv = adv.expand_as(log_prob).to(log_prob.dtype)  # (N, L)
+    log_ratio = log_prob - old_log_prob  # (N, L)
+    ratio = torch.exp(torch.clamp(log_ratio, -20.0, 20.0))
+    pg1 = -adv * ratio  # (N, L)
+    pg2 = -adv * torch.clamp(ratio, 1.0 - knobs.clip_ratio_low, 1.0 + knobs.clip_ratio_high)
+    valid = response_mask > 0
+    cov = token_covariance(log_prob, adv, response_mask)  # (N, L)
+    eligible = valid & ~(pg2 > pg1) & (cov > knobs.clip_cov_lb) & (cov < knobs.clip_cov_ub)
+    idx = torch.nonzero(eligible)  # (K, 2)
+    n_detach = max(1, int(knobs.clip_cov_ratio * int(valid.sum())))
+    if len(idx) > n_detach:
+        idx = idx[torch.randperm(len(idx), device=idx.device)[:n_detach]]
+    keep = torch.ones_like(pg1)
+    keep[idx[:, 0], idx[:, 1]] = 0.0
+    loss = agg_loss(torch.maximum(pg1, pg2) * keep, response_mask, loss_agg_mode, norm_len)
+    with torch.no_grad():
+        metrics = {"actor/pg_loss": loss.detach(), "actor/pg_clipfrac": masked_mean(1.0 - keep, response_mask),
+                   "actor/ppo_kl": masked_mean(-log_ratio.float(), response_mask),
+                   "actor/cov_selected": torch.tensor(float(len(idx)))}
+    return loss, metrics
+
+
+@register_policy_loss(PolicyLossMode.KL_COV)
+def compute_policy_loss_kl_cov(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
+                               loss_agg_mode: str, norm_len: int | None, knobs: PolicyLossKnobs):
+    """KL-Cov (Cui et al. 2025, arXiv 2505.22617; verl ``loss_mode: kl_cov``).
+
+        ratio = exp(logp - logp_old)
+        T     = the k = max(1, floor(kl_cov_ratio * #response tokens)) response tokens with the largest cov_t
+        pg_t  = -A_t * ratio_t + ppo_kl_coef * |logp_t - logp_old_t| * 1[t in T]      (no ratio clipping)
+        loss  = agg(pg, mask)
+
+    Uses kl_cov_ratio, ppo_kl_coef. Metrics: ``actor/ppo_kl`` = masked mean |log-ratio| (verl's),
+    ``actor/pg_clipfrac`` = share of response tokens penalised.
+    """
+    adv = advantages.unsqueeze(-1) if advantages.dim() == log_prob.dim() - 1 else advantages
+    adv = adv.expand_as(log_prob).to(log_prob.dtype)  # (N, L)
+    log_ratio = log_prob - old_log_prob  # (N, L)
+    ratio = torch.exp(torch.clamp(log_ratio, -20.0, 20.0))
+    valid = response_mask > 0
+    cov = token_covariance(log_prob, adv, response_mask).masked_fill(~valid, -torch.inf)  # (N, L)
+    n_valid = int(valid.sum())
+    penalised = torch.zeros_like(ratio)
+    if n_valid:
+        k = max(1, int(knobs.kl_cov_ratio * n_valid))
+        top = torch.topk(cov.flatten(), k).indices  # (k,)
+        penalised.view(-1)[top] = 1.0
+    pg = -adv * ratio + knobs.ppo_kl_coef * log_ratio.abs() * penalised  # (N, L)
+    loss = agg_loss(pg, response_mask, loss_agg_mode, norm_len)
+    with torch.no_grad():
+        metrics = {"actor/pg_loss": loss.detach(), "actor/ppo_kl": masked_mean(log_ratio.abs().float(), response_mask),
+                   "actor/pg_clipfrac": masked_mean(penalised, response_mask)}
+    return loss, metrics
+
+
+def high_entropy_mask(entropy: Tensor, response_mask: Tensor, top_quantile: float) -> Tensor:
+    """TRL's ``top_entropy_quantile`` ρ (Wang et al. 2025, arXiv 2506.01939, "the 80/20 rule"):
+
+        keep_t = 1[H_t >= q_{1-ρ}(H over response tokens)] * mask_t          ρ = 1: every response token
+
+    q is torch.quantile's linear interpolation. Multiplying the advantages by keep drops the other tokens
+    from the policy loss and leaves the aggregation's denominators as they were (TRL multiplies the
+    per-token loss). (N, L) float.
+    """
+    valid = response_mask > 0
+    if top_quantile >= 1.0 or not bool(valid.any()):
+        return valid.to(entropy.dtype)
+    threshold = torch.quantile(entropy.detach()[valid].float(), 1.0 - top_quantile)
+    return ((entropy.detach() >= threshold) & valid).to(entropy.dtype)

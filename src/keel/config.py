@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -60,9 +61,10 @@ class DataConfig:
 
 @dataclass
 class TaskConfig:
-    # the embedded verifiable task: "addition" (two numbers, worked column trace)
+    # the embedded verifiable task: "addition" (two numbers, worked column trace) or "multiplication"
+    # (a task.digits-digit number times one digit 2-9, worked digit-by-digit trace with carries)
     name: str = "addition"
-    # digits per operand
+    # digits per operand (multiplication: of the first operand)
     digits: int = 2
     # seed of the problem generator; train and held-out splits never overlap
     seed: int = 1234
@@ -78,6 +80,9 @@ class ModelConfig:
     tokenizer_path: str | None = None
     # parameter dtype for rollout and training: float32 | bfloat16 (bf16 autocast, fp32 master weights)
     dtype: str = "float32"
+    # recompute each decoder layer in backward (torch.utils.checkpoint): activation memory of one layer plus an
+    # (M, C) residual per layer, for ~1/3 more update compute
+    enable_gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -90,6 +95,43 @@ class OptimConfig:
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     # linear warm-up steps for the learning rate
     lr_warmup_steps: int = 0
+
+
+@dataclass
+class PolicyLossConfig:
+    """verl's ``actor.policy_loss`` (losses in keel/algorithms.py; docs/control.md "Entropy-preserving losses")."""
+
+    # vanilla (PPO clip) | clip_cov | kl_cov (Cui et al. 2025, arXiv 2505.22617)
+    loss_mode: str = "vanilla"
+    # clip_cov: share of response tokens whose gradient is detached, drawn from lb < cov < ub
+    clip_cov_ratio: float = 0.0002
+    clip_cov_lb: float = 1.0
+    clip_cov_ub: float = 5.0
+    # kl_cov: share of response tokens (largest covariance) given the |log-ratio| penalty, and its weight
+    kl_cov_ratio: float = 0.0002
+    ppo_kl_coef: float = 1.0
+    # TRL's top_entropy_quantile rho: only the top-rho share of response tokens by entropy in the policy loss (1 = all)
+    top_entropy_quantile: float = 1.0
+
+
+@dataclass
+class FSDPConfig:
+    # FSDP2 (strategy fsdp2) on GPUs: keep parameter shards (and their gradients) in CPU memory (CPUOffloadPolicy)
+    param_offload: bool = False
+    # ... and run the optimizer step there (FSDP2 offloads both together: either key turns it on)
+    optimizer_offload: bool = False
+
+
+@dataclass
+class LogProbConfig:
+    """Micro-batches of a no-grad log-prob pass (verl's ``rollout.*`` / ``ref.*`` log_prob keys)."""
+
+    # rows per forward; null = the whole batch (or the token budget below)
+    log_prob_micro_batch_size_per_gpu: int | None = None
+    # token-budget micro-batches; null = actor_rollout_ref.actor.use_dynamic_bsz
+    log_prob_use_dynamic_bsz: bool | None = None
+    # tokens per forward with the budget; null = actor_rollout_ref.actor.ppo_max_token_len_per_gpu
+    log_prob_max_token_len_per_gpu: int | None = None
 
 
 @dataclass
@@ -123,6 +165,18 @@ class ActorConfig:
     grad_clip: float = 1.0
     # rows of logits turned into entropies at once (bounds fp32 memory)
     entropy_chunk_size: int = 4096
+    # the policy-gradient term: loss_mode and its knobs
+    policy_loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
+    # data-parallel engine for N processes: ddp (DistributedDataParallel) | fsdp2 (torch fully_shard: parameters,
+    # gradients and optimizer state sharded over the ranks)
+    strategy: str = "ddp"
+    # rows per forward/backward in the update (gradient accumulation, same update); null = the whole mini-batch
+    ppo_micro_batch_size_per_gpu: int | None = None
+    # token-budget micro-batches instead: rows are packed while prompt+response tokens <= ppo_max_token_len_per_gpu
+    # (also the log-prob passes' default); peak memory then follows the budget, not the batch
+    use_dynamic_bsz: bool = False
+    ppo_max_token_len_per_gpu: int = 16384
+    fsdp_config: FSDPConfig = field(default_factory=FSDPConfig)
 
 
 @dataclass
@@ -156,6 +210,10 @@ class RolloutConfig:
     kv_cache_memory_bytes: int = 256 * 1024 * 1024
     # held-out evaluation: sampled or greedy, answers per problem
     val_kwargs: ValKwargs = field(default_factory=ValKwargs)
+    # old log-prob pass (off-policy updates): rows or tokens per forward (see LogProbConfig)
+    log_prob_micro_batch_size_per_gpu: int | None = None
+    log_prob_use_dynamic_bsz: bool | None = None
+    log_prob_max_token_len_per_gpu: int | None = None
 
     def val_sampling(self) -> tuple[float, float, int]:
         """(temperature, top_p, n) of held-out evaluation; temperature 0 = greedy."""
@@ -171,6 +229,21 @@ class ActorRolloutRefConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     actor: ActorConfig = field(default_factory=ActorConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    # the frozen reference policy's log-prob pass
+    ref: LogProbConfig = field(default_factory=LogProbConfig)
+
+    def log_prob_batching(self, part: str) -> tuple[int, int]:
+        """(rows, tokens) per forward of the `part` ("rollout" | "ref") log-prob pass; 0 = unbounded."""
+        c, a = getattr(self, part), self.actor
+        dynamic = a.use_dynamic_bsz if c.log_prob_use_dynamic_bsz is None else c.log_prob_use_dynamic_bsz
+        if dynamic:
+            return 0, c.log_prob_max_token_len_per_gpu or a.ppo_max_token_len_per_gpu
+        return c.log_prob_micro_batch_size_per_gpu or 0, 0
+
+    def update_batching(self) -> tuple[int, int]:
+        """(rows, tokens) per forward/backward of the update; 0 = unbounded."""
+        a = self.actor
+        return (0, a.ppo_max_token_len_per_gpu) if a.use_dynamic_bsz else (a.ppo_micro_batch_size_per_gpu or 0, 0)
 
 
 @dataclass
@@ -197,6 +270,9 @@ class RewardConfig:
     overlong_penalty_factor: float = 1.0
     # seconds allowed for one math-verify call
     timeout_s: float = 5.0
+    # seconds one reward function may take to score a whole batch (a custom function's calls, or all of a batch's
+    # math-verify calls); the samples left unscored score 0 and count in reward/timeouts
+    batch_timeout_s: float = 60.0
 
 
 @dataclass
@@ -220,7 +296,7 @@ class MonitorConfig:
 
 @dataclass
 class ControlConfig:
-    # entropy controller: fixed | floor | band (equations in keel/control.py and docs/control.md)
+    # entropy controller: fixed | floor | band | dual (equations in keel/control.py and docs/control.md)
     type: str = "fixed"
     # floor: the entropy target (nats); the bonus applies only below it (default: the embedded band's centre)
     target_entropy: float = 0.12
@@ -256,6 +332,20 @@ class ControlConfig:
     max_kl_coef: float = 1.0
     # steps before the floor/band controllers move the coefficients
     warmup_steps: int = 0
+    # dual: the entropy band is [rel_low, rel_high] x H_0, H_0 = the first step's entropy (the reference policy's),
+    # so no number of it is task-specific; the band PI gains (ki, kp, ema, horizon, deadband) apply as for band
+    rel_low: float = 0.5
+    rel_high: float = 1.5
+    # dual: share of the band (log scale, around its centre) where the entropy error counts as 0: the wide
+    # relative band is a range to stay inside, not a setpoint (0.6 = act only in the outer 20 % at each edge)
+    rel_deadband: float = 0.6
+    # dual: the KL budget, nats/token of actor/kl_loss; kl_coef adapts (Ziegler et al. 2019) to hold KL under it:
+    # kl_coef <- clip(kl_coef * (1 + kl_adapt_gain * clip(KL / kl_target - 1, -0.2, 0.2)), kl_floor, max_kl_coef)
+    kl_target: float = 0.1
+    kl_adapt_gain: float = 1.0
+    # dual: the smallest kl_coef; the configured kl_loss_coef is never undercut (a budget is a ceiling on the KL,
+    # so the anchor is only ever raised above the user's), and kl_floor lets a multiplicative rule grow from 0
+    kl_floor: float = 0.001
     # monitor.action=rollback: after a collapse (low) rollback entropy_coeff <- max(2c, c + this)
     rollback_entropy_step: float = 0.05
     # after an over-random / KL-high (high) rollback kl_coef <- max(2k, k + this), and entropy_coeff halves
@@ -374,13 +464,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise KeelError(f"config key '{key}' must be an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None and not math.isfinite(number):  # .inf / .nan are never a usable setting
+            raise KeelError(f"config key '{key}' must be a finite number, got {value!r}")
+        if number is not None:
+            return number
         raise KeelError(f"config key '{key}' must be a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
@@ -437,17 +532,24 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def read_yaml(path: str | Path) -> dict:
+def read_yaml(path: str | Path, empty_ok: bool = True) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise KeelError(f"config file '{path}' is a directory, not a YAML file")
     if not path.is_file():
         raise KeelError(f"config file '{path}' does not exist")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise KeelError(f"config file '{path}' is not UTF-8 text (byte {e.start}: {e.reason})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise KeelError(f"config file '{path}'{where}: malformed YAML ({problem})") from None
+    if raw is None and not empty_ok:  # a user who names a file expects its settings, not every default
+        raise KeelError(f"config file '{path}' is empty (no settings); give a config with its sections, "
+                        "e.g. configs/demo.yaml")
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -457,7 +559,7 @@ def read_yaml(path: str | Path) -> dict:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> KeelConfig:
     """Read YAML (optional), apply dotted overrides, validate keys, types and ranges."""
-    raw = read_yaml(path) if path is not None else {}
+    raw = read_yaml(path, empty_ok=False) if path is not None else {}
     raw.pop("defaults", None)  # tolerated for Hydra-style files
     raw = apply_overrides(raw, list(overrides or []))
     cfg = _build(KeelConfig, raw, "")
@@ -492,6 +594,13 @@ def validate(cfg: KeelConfig) -> None:
     for name in ("clip_ratio", "clip_ratio_low", "clip_ratio_high"):
         v = getattr(a, name)
         _check(v is None or v >= 0, f"config key 'actor_rollout_ref.actor.{name}' must be >= 0, got {v}")
+    pl = a.policy_loss
+    _check(0 < pl.clip_cov_ratio <= 1 and 0 < pl.kl_cov_ratio <= 1,
+           "config keys 'actor_rollout_ref.actor.policy_loss.clip_cov_ratio' / 'kl_cov_ratio' must be in (0, 1]")
+    _check(pl.clip_cov_lb < pl.clip_cov_ub, "config key 'actor_rollout_ref.actor.policy_loss.clip_cov_lb' must be < clip_cov_ub")
+    _check(pl.ppo_kl_coef >= 0, f"config key 'actor_rollout_ref.actor.policy_loss.ppo_kl_coef' must be >= 0, got {pl.ppo_kl_coef}")
+    _check(0 < pl.top_entropy_quantile <= 1, "config key 'actor_rollout_ref.actor.policy_loss.top_entropy_quantile' "
+           f"must be in (0, 1], got {pl.top_entropy_quantile}")
     _check(a.ppo_epochs >= 1, f"config key 'actor_rollout_ref.actor.ppo_epochs' must be >= 1, got {a.ppo_epochs}")
     _check(a.ppo_mini_batch_size >= 1, "config key 'actor_rollout_ref.actor.ppo_mini_batch_size' must be >= 1")
     _check(
@@ -499,6 +608,15 @@ def validate(cfg: KeelConfig) -> None:
         f"config key 'data.train_batch_size' ({d.train_batch_size}) must be a multiple of "
         f"'actor_rollout_ref.actor.ppo_mini_batch_size' ({a.ppo_mini_batch_size})",
     )
+    for key, v in (("actor.ppo_micro_batch_size_per_gpu", a.ppo_micro_batch_size_per_gpu),
+                   ("actor.ppo_max_token_len_per_gpu", a.ppo_max_token_len_per_gpu),
+                   ("rollout.log_prob_micro_batch_size_per_gpu", r.log_prob_micro_batch_size_per_gpu),
+                   ("rollout.log_prob_max_token_len_per_gpu", r.log_prob_max_token_len_per_gpu),
+                   ("ref.log_prob_micro_batch_size_per_gpu", cfg.actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu),
+                   ("ref.log_prob_max_token_len_per_gpu", cfg.actor_rollout_ref.ref.log_prob_max_token_len_per_gpu)):
+        _check(v is None or v >= 1, f"config key 'actor_rollout_ref.{key}' must be >= 1, got {v}")
+    _check(a.strategy in ("ddp", "fsdp2"),
+           f"config key 'actor_rollout_ref.actor.strategy' must be ddp or fsdp2, got {a.strategy!r}")
     _check(r.temperature > 0, f"config key 'actor_rollout_ref.rollout.temperature' must be > 0, got {r.temperature}")
     _check(0 < r.top_p <= 1, f"config key 'actor_rollout_ref.rollout.top_p' must be in (0, 1], got {r.top_p}")
     _check(cfg.reward.max_failed_batches >= 0,
@@ -520,12 +638,72 @@ def validate(cfg: KeelConfig) -> None:
         f"config key 'actor_rollout_ref.model.dtype' must be float32 or bfloat16, got {cfg.model.dtype!r}",
     )
     _check(cfg.monitor.action in ("log", "stop", "rollback"), f"config key 'monitor.action' must be log, stop or rollback, got {cfg.monitor.action!r}")
-    _check(cfg.control.type in ("fixed", "floor", "band"), f"config key 'control.type' must be fixed, floor or band, got {cfg.control.type!r}")
+    _check(cfg.control.type in ("fixed", "floor", "band", "dual"),
+           f"config key 'control.type' must be fixed, floor, band or dual, got {cfg.control.type!r}")
+    _check(0 < cfg.control.rel_low < 1 < cfg.control.rel_high,
+           f"config keys 'control.rel_low' / 'control.rel_high' must satisfy 0 < rel_low < 1 < rel_high, "
+           f"got {cfg.control.rel_low} / {cfg.control.rel_high}")
+    _check(0 <= cfg.control.rel_deadband < 1,
+           f"config key 'control.rel_deadband' must be in [0, 1), got {cfg.control.rel_deadband}")
+    _check(cfg.control.kl_target > 0 and cfg.control.kl_floor > 0 and cfg.control.kl_adapt_gain > 0,
+           "config keys 'control.kl_target', 'control.kl_floor' and 'control.kl_adapt_gain' must be > 0")
+    _check(cfg.control.type != "dual" or cfg.actor_rollout_ref.actor.use_kl_loss,
+           "config key 'control.type' is dual, which adapts the KL loss: set actor_rollout_ref.actor.use_kl_loss=true")
     _check(cfg.control.low < cfg.control.high, "config keys 'control.low' must be < 'control.high'")
     _check(cfg.control.low > 0, f"config key 'control.low' must be > 0 (entropy in nats), got {cfg.control.low}")
     _check(0 < cfg.control.deadband_decay <= 1,
            f"config key 'control.deadband_decay' must be in (0, 1], got {cfg.control.deadband_decay}")
     _check(0 <= cfg.control.deadband < 1, f"config key 'control.deadband' must be in [0, 1), got {cfg.control.deadband}")
+    _validate_ranges(cfg)
     bad = [x for x in t.logger if x not in ("console", "jsonl", "tensorboard", "wandb", "mlflow")]
     _check(not bad, f"config key 'trainer.logger' has unknown logger(s) {bad}; valid: console, jsonl, tensorboard, wandb, mlflow")
     # names of estimators / losses are checked against their registries where they are looked up
+
+
+def _validate_ranges(cfg: KeelConfig) -> None:
+    """Ranges of the numeric keys the checks above do not cover: all of them are checked before the first step."""
+    a, r, d, t, rw, c = cfg.actor, cfg.rollout, cfg.data, cfg.trainer, cfg.reward, cfg.control
+    o = a.optim
+    betas = o.betas
+    _check(len(betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
+                                   for b in betas),
+           f"config key 'actor_rollout_ref.actor.optim.betas' must be two numbers in [0, 1), got {betas!r}")
+    ranges = [  # (key, value, lowest allowed, lowest is allowed itself)
+        ("actor_rollout_ref.actor.optim.weight_decay", o.weight_decay, 0, True),
+        ("actor_rollout_ref.actor.optim.lr_warmup_steps", o.lr_warmup_steps, 0, True),
+        ("actor_rollout_ref.actor.entropy_chunk_size", a.entropy_chunk_size, 1, True),
+        ("actor_rollout_ref.rollout.gpu_memory_utilization", r.gpu_memory_utilization, 0, False),
+        ("actor_rollout_ref.rollout.kv_cache_memory_bytes", r.kv_cache_memory_bytes, 1, True),
+        ("data.max_prompt_length", d.max_prompt_length, 1, True),
+        ("data.val_size", d.val_size, 0, True),
+        ("task.digits", cfg.task.digits, 1, True),
+        ("task.n_heldout", cfg.task.n_heldout, 1, True),
+        ("reward.overlong_buffer_len", rw.overlong_buffer_len, 0, True),
+        ("reward.overlong_penalty_factor", rw.overlong_penalty_factor, 0, True),
+        ("reward.timeout_s", rw.timeout_s, 0, False),
+        ("reward.batch_timeout_s", rw.batch_timeout_s, 0, False),
+        ("monitor.max_rollbacks", cfg.monitor.max_rollbacks, 0, True),
+        ("trainer.max_ckpt_to_keep", t.max_ckpt_to_keep, 1, True),
+        ("trainer.max_nonfinite_in_row", t.max_nonfinite_in_row, 1, True),
+        ("trainer.num_threads", t.num_threads, 0, True),
+        ("trainer.n_samples_logged", t.n_samples_logged, 0, True),
+        ("sft.steps", cfg.sft.steps, 0, True),
+        ("sft.batch_size", cfg.sft.batch_size, 1, True),
+        ("sft.lr", cfg.sft.lr, 0, False),
+        ("sft.slip_prob", cfg.sft.slip_prob, 0, True),
+    ]
+    ranges += [(f"control.{k}", getattr(c, k), 0, True) for k in (
+        "target_entropy", "delta", "ki", "kp", "ema", "horizon", "kl_gain", "kl_step", "kl_decay", "min_entropy_coeff",
+        "max_entropy_coeff", "min_kl_coef", "max_kl_coef", "warmup_steps", "rollback_entropy_step", "rollback_kl_step")]
+    for key, value, low, closed in ranges:
+        ok = value >= low if closed else value > low
+        _check(ok, f"config key '{key}' must be {'>=' if closed else '>'} {low}, got {value}")
+    for key, value in (("actor_rollout_ref.rollout.gpu_memory_utilization", r.gpu_memory_utilization),
+                       ("sft.slip_prob", cfg.sft.slip_prob), ("control.ema", c.ema), ("control.kl_decay", c.kl_decay)):
+        _check(value <= 1, f"config key '{key}' must be <= 1, got {value}")
+    _check(c.min_entropy_coeff <= c.max_entropy_coeff,
+           "config keys 'control.min_entropy_coeff' must be <= 'control.max_entropy_coeff'")
+    _check(c.min_kl_coef <= c.max_kl_coef, "config keys 'control.min_kl_coef' must be <= 'control.max_kl_coef'")
+    device = t.device
+    _check(device in ("cpu", "cuda", "auto") or (device.startswith("cuda:") and device[5:].isdigit()),
+           f"config key 'trainer.device' must be cpu, cuda, cuda:<index> or auto, got {device!r}")

@@ -37,6 +37,20 @@ itself. A controller closes the loop on the measured entropy instead.
   steps from moving the coefficients much, and the slope term reacts to a fast fall
   before the band is left.
 
+* ``dual`` — the lab log's dual regularization closed on both sides, with no task-specific number:
+  the band loop above on the band [rel_low, rel_high] x H_0 (H_0 = the first step's entropy, i.e. the
+  reference policy's), and the KL coefficient adapted to hold the KL to the reference under a budget
+  in nats/token (Ziegler et al. 2019, arXiv 1909.08593, applied to the KL loss term)::
+
+      e_t = clip(KL_t / kl_target - 1, -0.2, 0.2)             (= +0.2 while p_t > log high: the reference's
+                                                                entropy is H_0 < high, so its pull is downward)
+      k_t = clip(k_{t-1} * (1 + kl_adapt_gain * e_t), max(kl_floor, k_base), k_max)
+
+  The budget is a ceiling: k never drops under the configured coefficient k_base (Ziegler's rule is
+  two-sided; letting k fall under the user's anchor while the KL is low invited an overshoot). The
+  entropy loop uses the dead zone ``rel_deadband`` (default 0.6): the relative band is a range to
+  stay inside, not a setpoint.
+
 ``on_rollback(direction)`` is the self-healing hook: after the monitor rolls a run
 back, a collapse ("low") raises the entropy pressure and an over-random or KL-high
 failure ("high") raises the KL pressure and halves the bonus.
@@ -55,6 +69,7 @@ class ControllerType(str, Enum):
     FIXED = "fixed"
     FLOOR = "floor"
     BAND = "band"
+    DUAL = "dual"
 
 
 def _clip(x: float, lo: float, hi: float) -> float:
@@ -81,8 +96,8 @@ class Controller:
         """(entropy_coeff, kl_coef) to use in this step's loss."""
         return self.entropy_coeff, self.kl_coef
 
-    def update(self, step: int, entropy: float | None) -> None:
-        """Observe this step's measured entropy (fixed: nothing to do)."""
+    def update(self, step: int, entropy: float | None, kl: float | None = None) -> None:
+        """Observe this step's measured entropy and KL to the reference (fixed: nothing to do)."""
 
     def on_rollback(self, direction: str) -> None:
         """Regularise harder in the direction the failing rule implies.
@@ -132,7 +147,7 @@ class FloorController(Controller):
     def coefficients(self):
         return (self.entropy_coeff if self.below else 0.0), self.kl_coef
 
-    def update(self, step, entropy):
+    def update(self, step, entropy, kl=None):
         c = self.cfg
         if step < c.warmup_steps or not _usable(entropy):
             return
@@ -160,12 +175,13 @@ class BandController(Controller):
     def coefficients(self):
         return (0.0 if self.above else self.entropy_coeff), self.kl_coef
 
-    def update(self, step, entropy):
+    def update(self, step, entropy, kl=None):
         c = self.cfg
         if not _usable(entropy):
             return
         if self.first_entropy is None:
             self.first_entropy = entropy
+        low, high = self.band()
         prev = self.smoothed
         self.smoothed = entropy if prev is None else c.ema * prev + (1 - c.ema) * entropy
         slope = 0.0 if prev is None else math.log(self.smoothed) - math.log(prev)
@@ -175,8 +191,8 @@ class BandController(Controller):
             return
         # e_t = dz(log H* - p_t): zero inside the dead zone around the centre, so a policy that sits well
         # inside the band is left alone; only the distance past the zone's edge counts
-        error = 0.5 * (math.log(c.low) + math.log(c.high)) - predicted
-        width = c.deadband * 0.5 * (math.log(c.high) - math.log(c.low))
+        error = 0.5 * (math.log(low) + math.log(high)) - predicted
+        width = self._deadband() * 0.5 * (math.log(high) - math.log(low))
         error = math.copysign(max(0.0, abs(error) - width), error)
         if error == 0.0 and width > 0:  # inside the dead zone a bonus no longer needed is released gradually
             self.entropy_coeff *= c.deadband_decay
@@ -184,10 +200,18 @@ class BandController(Controller):
         self.entropy_coeff = _clip(self.entropy_coeff + c.ki * error + c.kp * d_error,
                                    c.min_entropy_coeff, c.max_entropy_coeff)
         self.prev_error = error
-        self.above = predicted > math.log(c.high)
+        self.above = predicted > math.log(high)
         if self.above:
             self.entropy_coeff = max(c.min_entropy_coeff, self.entropy_coeff / 2)
-        if self.above and self.first_entropy <= c.high:
+        self._update_kl(kl)
+
+    def _deadband(self) -> float:
+        return self.cfg.deadband
+
+    def _update_kl(self, kl: float | None) -> None:
+        """band: tighten the anchor while above the band (when the reference sits below `high`), else relax it."""
+        c = self.cfg
+        if self.above and self.first_entropy <= self.band()[1]:
             raised = max(self.kl_coef * (1 + c.kl_gain), self.base_kl_coef + c.kl_step)
             self.kl_coef = _clip(raised, c.min_kl_coef, c.max_kl_coef)
         else:
@@ -209,10 +233,46 @@ class BandController(Controller):
         return m
 
 
+class DualController(BandController):
+    """Entropy band relative to the reference's entropy + a KL budget (equations in the module docstring)."""
+
+    name = ControllerType.DUAL
+
+    def __init__(self, cfg, entropy_coeff, kl_coef):
+        super().__init__(cfg, entropy_coeff, max(kl_coef, cfg.kl_floor))
+        self.kl_error: float | None = None  # e_t, logged
+
+    def _deadband(self):
+        return self.cfg.rel_deadband
+
+    def band(self):
+        h0 = self.first_entropy
+        return (None, None) if h0 is None else (self.cfg.rel_low * h0, self.cfg.rel_high * h0)
+
+    def _update_kl(self, kl):
+        c = self.cfg
+        if self.above:
+            error = 0.2
+        elif kl is not None and math.isfinite(kl):
+            error = _clip(kl / c.kl_target - 1.0, -0.2, 0.2)
+        else:
+            return
+        self.kl_error = error
+        floor = max(c.kl_floor, self.base_kl_coef)  # never under the configured anchor (or a rollback's raise)
+        self.kl_coef = _clip(self.kl_coef * (1 + c.kl_adapt_gain * error), floor, c.max_kl_coef)
+
+    def metrics(self):
+        m = super().metrics()
+        m["control/kl_error"] = self.kl_error
+        m["control/kl_target"] = self.cfg.kl_target
+        return m
+
+
 CONTROLLERS: dict[ControllerType, type[Controller]] = {
     ControllerType.FIXED: Controller,
     ControllerType.FLOOR: FloorController,
     ControllerType.BAND: BandController,
+    ControllerType.DUAL: DualController,
 }
 
 

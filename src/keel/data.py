@@ -78,7 +78,11 @@ def _read_records(path: Path) -> list[tuple[int, Any]]:
             raise KeelError(f"data file '{path}' is not a readable Parquet file ({str(e).splitlines()[0]})") from None
         return list(enumerate(table.to_pylist(), start=1))
     if suffix in (".jsonl", ".json"):
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            line = path.read_bytes()[: e.start].count(b"\n") + 1
+            raise KeelError(f"data file '{path}' row {line}: not UTF-8 text (byte {e.start}: {e.reason})") from None
         if suffix == ".json" and text.lstrip().startswith("["):  # a JSON array rather than JSON lines
             try:
                 return list(enumerate(json.loads(text), start=1))
@@ -231,6 +235,8 @@ def load_rows(files: str | list[str], cfg: DataConfig) -> tuple[list[PromptRow],
     skipped = 0
     for name in paths:
         path = Path(name)
+        if path.is_dir():
+            raise KeelError(f"data file '{path}' is a directory; name the .jsonl / .json / .parquet file(s) in it")
         if not path.is_file():
             raise KeelError(f"data file '{path}' does not exist")
         records = _read_records(path)
@@ -244,6 +250,12 @@ def load_rows(files: str | list[str], cfg: DataConfig) -> tuple[list[PromptRow],
                 raise
             raise KeelError(f"data file '{path}': {e}") from None
         answer_key = _trl_answer_key(columns, cfg) if fmt is DataFormat.TRL else None
+        answers = [str(r.get("answer")) for _, r in records if isinstance(r, dict) and r.get("answer") is not None]
+        if fmt is DataFormat.GSM8K and cfg.format == "auto" and not cfg.skip_invalid and answers and all(
+                len(a.split()) == 1 and "####" not in a for a in answers):  # bare final answers, not solutions
+            raise KeelError(f"data file '{path}': columns question + answer look like GSM8K, but no 'answer' has a "
+                            "'#### <gold>' line; for plain answers (AIME style) name the question column 'problem', "
+                            "or set data.format=trl data.prompt_key=question")
         for number, record in records:
             try:
                 if isinstance(record, RowError):

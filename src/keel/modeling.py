@@ -79,14 +79,24 @@ def load_model_and_tokenizer(path: str, tokenizer_path: str | None = None, dtype
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_dir = Path(path)
+    if model_dir.is_file():
+        raise KeelError(f"model path '{path}' is a file, not a model directory (set actor_rollout_ref.model.path to "
+                        "the directory holding config.json and the weights)")
     if not model_dir.is_dir():
         raise KeelError(f"model directory '{path}' does not exist (set actor_rollout_ref.model.path to a local HF model directory)")
+    if (model_dir / "config.json").is_dir():
+        raise KeelError(f"model directory '{path}': config.json is a directory, not a file")
     if not (model_dir / "config.json").is_file():
         raise KeelError(f"model directory '{path}' has no config.json (not a Hugging Face model directory)")
     try:
-        json.loads((model_dir / "config.json").read_text())
+        config_json = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise KeelError(f"model directory '{path}': config.json is not UTF-8 text (byte {e.start}: {e.reason})") from None
     except json.JSONDecodeError as e:
         raise KeelError(f"model directory '{path}': config.json is not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(config_json, dict):
+        raise KeelError(f"model directory '{path}': config.json must hold a JSON object of settings, "
+                        f"got {type(config_json).__name__}")
     weights = list(model_dir.glob("*.safetensors")) + list(model_dir.glob("*.bin"))
     if not weights:
         raise KeelError(f"model directory '{path}' has no weights (*.safetensors or *.bin)")
@@ -98,6 +108,9 @@ def load_model_and_tokenizer(path: str, tokenizer_path: str | None = None, dtype
         tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
     except Exception as e:  # transformers raises many types for a bad tokenizer dir
         raise KeelError(f"tokenizer in '{tok_dir}' could not be loaded: {str(e).splitlines()[0][:200]}") from None
+    if not tokenizer("1 + 1 = 2", add_special_tokens=False)["input_ids"]:  # transformers builds an empty one
+        raise KeelError(f"tokenizer in '{tok_dir}' turns text into no tokens (tokenizer files missing? expected "
+                        "tokenizer.json or vocab files next to config.json, or set actor_rollout_ref.model.tokenizer_path)")
     if tokenizer.eos_token_id is None:
         raise KeelError(f"tokenizer in '{tok_dir}' has no eos token (generation could never stop)")
     if tokenizer.pad_token_id is None:
@@ -113,7 +126,29 @@ def load_model_and_tokenizer(path: str, tokenizer_path: str | None = None, dtype
         raise KeelError(
             f"model in '{path}' has vocab_size {model.config.vocab_size} but its tokenizer has {len(tokenizer)} tokens"
         )
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise KeelError(f"model in '{path}' has non-finite weights (NaN or inf in '{name}')")
+    if not is_causal(model):
+        raise KeelError(f"model in '{path}' is not a causal language model: its prediction at a position depends "
+                        f"on later tokens (model_type '{model.config.model_type}'; GRPO needs a decoder-only LM)")
     return model, tokenizer
+
+
+@torch.no_grad()
+def is_causal(model) -> bool:
+    """True when the logits at position 0 do not change with the token at position 1 (a decoder-only LM).
+
+    BERT-style encoders load as ``AutoModelForCausalLM`` too (a masked-LM head over bidirectional attention).
+    """
+    was_training = model.training
+    model.eval()
+    vocab = model.config.vocab_size
+    ids = torch.tensor([[min(1, vocab - 1), min(2, vocab - 1)], [min(1, vocab - 1), min(3, vocab - 1)]])
+    ids = ids.to(next(model.parameters()).device)
+    logits = model(input_ids=ids).logits.float()  # (2, 2, V)
+    model.train(was_training)
+    return torch.allclose(logits[0, 0], logits[1, 0], rtol=1e-4, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- lean forward
@@ -182,6 +217,8 @@ class LeanForward:
         self._rope_cache: tuple[int, torch.Tensor, torch.Tensor] | None = None
         self._frozen: list[_FusedLayer] | None = None  # fused weights while decoding (weights fixed)
         self._frozen_head: tuple | None = None
+        # the training forward as an nn.Module (keel.actor.train_module builds it; keel.distributed wraps it)
+        self.module: torch.nn.Module | None = None
 
     @staticmethod
     def supports(model) -> bool:
@@ -352,18 +389,22 @@ class LeanForward:
         Projections, norms and the MLP (nearly all FLOPs) run over the M tokens; attention
         gathers q, k, v into rows and scatters its output back.
         """
-        B, T = slot_token.shape
         x = self.base.embed_tokens(input_ids)  # (M, C)
         cos, sin = self.rope(positions, x.dtype, signed=True)  # (M, 1, hd)
-        gather = slot_token.reshape(-1)  # (B*T,)
         for layer, fused in self._layers():
-            q, k, v = self._attn_in(layer, fused, x, cos, sin)  # (M, h, hd)
-            q, k, v = (t.index_select(0, gather).view(B, T, -1, self.hd).transpose(1, 2) for t in (q, k, v))
-            y = self._causal_attention(q, k, v)  # (B, nh, T, hd)
-            y = y.transpose(1, 2).reshape(B * T, self.nh * self.hd).index_select(0, token_slot)  # (M, nh*hd)
-            x = self._attn_out(layer, fused, x, y)
-            x = self._mlp(layer, fused, x)
+            x = self.packed_layer(layer, fused, x, cos, sin, slot_token, token_slot)
         return x
+
+    def packed_layer(self, layer, fused: _FusedLayer | None, x, cos, sin, slot_token, token_slot):
+        """One decoder layer over a packed batch: x (M, C) -> (M, C) (see :meth:`hidden_packed`)."""
+        B, T = slot_token.shape
+        q, k, v = self._attn_in(layer, fused, x, cos, sin)  # (M, h, hd)
+        gather = slot_token.reshape(-1)  # (B*T,)
+        q, k, v = (t.index_select(0, gather).view(B, T, -1, self.hd).transpose(1, 2) for t in (q, k, v))
+        y = self._causal_attention(q, k, v)  # (B, nh, T, hd)
+        y = y.transpose(1, 2).reshape(B * T, self.nh * self.hd).index_select(0, token_slot)  # (M, nh*hd)
+        x = self._attn_out(layer, fused, x, y)
+        return self._mlp(layer, fused, x)
 
     # ---- incremental decoding with a preallocated cache
 

@@ -2,14 +2,20 @@
 
 A rule set is a YAML list of rules (built-ins in ``keel/rules/``: ``embedded``, ``lablog``):
 
-    threshold  {metric, good: [lo, hi], bad: [[lo, hi], ...], from_step, patience, frac_log_vocab}
-               bad if inside an (open) bad range, good if inside the (closed) good band, else watch.
+    threshold  {metric, good: [lo, hi], bad: [[lo, hi], ...], from_step, good_from, patience, frac_log_vocab,
+               unless_rising, rise, ema}
+               bad if inside an (open) bad range at any step from `from_step` (a short settling period);
+               from `good_from` on (the lab log's "good at step N") outside the (closed) good band = watch.
+    score      {kind: score, metric, reference: best | start, drop, ema, from_step, patience}: the task
+               score's EMA  m_t = ema * m_{t-1} + (1 - ema) * x_t  is bad when  ref - m_t >= drop, ref =
+               its own best EMA since from_step, or its value at from_step (start). Sweep outcome: Regressed.
     trend      {kind: trend, metric, direction, window, change, with_metric, with_direction, with_change,
                toward, horizon, from_step, patience, level}: a least-squares line over the last `window`
                steps whose relative change (end - start) / |start| passes `change` fires `level`.
 
 Overall verdict = the worst rule; a threshold rule counts as bad only after `patience` bad steps in a
-row (watch before). metrics.jsonl codes: ``health/overall``, ``health/<rule id>`` = 0 good, 1 watch,
+row (watch before). A proxy rule with ``unless_rising: <task score>`` is held at watch while that
+score's EMA stands `rise` or more above its first value: a proxy alone does not overrule a rising score. metrics.jsonl codes: ``health/overall``, ``health/<rule id>`` = 0 good, 1 watch,
 2 bad, null not judged. Field reference and how to choose bands: docs/health.md.
 """
 
@@ -64,6 +70,12 @@ class Rule:
     toward: float | None = None  # trend: fire only if the fitted line reaches this within `horizon` steps
     horizon: int = 50
     level: str = "watch"  # trend: verdict when it fires
+    good_from: int = 0  # threshold: the good band is a criterion from this step on (before: only bad counts)
+    reference: str = "best"  # score: best (its own best smoothed value) | start (its value at from_step)
+    drop: float = 0.1  # score: bad when the smoothed metric is this far (metric units) below the reference
+    ema: float = 0.8  # score, unless_rising: EMA factor of the smoothed score (0 = raw values)
+    unless_rising: str | None = None  # threshold/trend: held at watch while this metric (a task score) is rising
+    rise: float = 0.05  # unless_rising: "rising" = its EMA is at least this far above its first value
     ln_vocab: float | None = None  # set when frac_log_vocab bounds were scaled (not a YAML field)
 
     @property
@@ -75,6 +87,11 @@ class Rule:
 
 _YAML_FIELDS = [f.name for f in fields(Rule) if f.name != "ln_vocab"]
 _TREND_ONLY = {"direction", "window", "change", "with_metric", "with_direction", "with_change", "toward", "horizon", "level"}
+_ONLY = {  # kind -> fields of the other kinds that do not apply to it
+    "threshold": _TREND_ONLY | {"reference", "drop"},
+    "trend": {"good", "bad", "good_from", "reference", "drop"},
+    "score": _TREND_ONLY | {"good", "bad", "good_from", "unless_rising", "rise", "frac_log_vocab"},
+}
 
 
 def _is_num(x: Any) -> bool:
@@ -102,7 +119,13 @@ _CHECKS = {  # field -> (test, what the value must be); None is allowed for opti
     "metric": (_is_name, "a metric name"),
     "name": (_is_name, "a non-empty string"),
     "with_metric": (_is_name, "a metric name"),
-    "kind": (lambda x: x in ("threshold", "trend"), "threshold or trend"),
+    "kind": (lambda x: x in ("threshold", "trend", "score"), "threshold, trend or score"),
+    "unless_rising": (_is_name, "a metric name"),
+    "reference": (lambda x: x in ("best", "start"), "best or start"),
+    "good_from": (lambda x: _is_int(x) and x >= 0, "an integer >= 0"),
+    "drop": (lambda x: _is_num(x) and x >= 0, "a number >= 0"),
+    "rise": (lambda x: _is_num(x) and x >= 0, "a number >= 0"),
+    "ema": (lambda x: _is_num(x) and 0 <= x < 1, "a number in [0, 1)"),
     "direction": (lambda x: x in ("falling", "rising"), "falling or rising"),
     "with_direction": (lambda x: x in ("falling", "rising"), "falling or rising"),
     "level": (lambda x: x in ("watch", "bad"), "watch or bad"),
@@ -133,7 +156,7 @@ def parse_rule(raw: Any, where: str) -> Rule:
             if raw.get(key) is not None and not ok(raw[key]):
                 raise ValueError(f"'{key}' must be {need}, got {raw[key]!r}")
         kind = raw.get("kind", "threshold")
-        wrong = (_TREND_ONLY if kind == "threshold" else {"good", "bad"}) & raw.keys()
+        wrong = _ONLY[kind] & raw.keys()
         if wrong:
             raise ValueError(f"field '{sorted(wrong)[0]}' does not apply to {kind} rules")
         if kind == "threshold" and raw.get("good") is None and not raw.get("bad"):
@@ -238,6 +261,7 @@ class Failing:
     metric: str
     direction: str | None  # low: collapse side (more entropy pressure); high: too random (more KL pressure)
     verdict: str
+    kind: str = "threshold"  # the rule's kind: a "score" rule failing = the task score regressed
 
 
 @dataclass
@@ -250,21 +274,42 @@ class StepVerdict:
     failing_rule: Failing | None
 
 
+# Edges: a trend that moved exactly `change`, or will reach its ceiling in exactly `horizon` steps, has crossed.
+# Comparisons carry this relative tolerance so that a value on the edge does not flip with float rounding
+# (a fitted slope differs in its last bits from one BLAS / CPU to the next).
+EDGE_RTOL = 1e-9
+
+
+def _ema_key(metric: str, ema: float) -> str:
+    return f"{metric}@{ema!r}"
+
+
+def _split_ema_key(key: str) -> tuple[str, float]:
+    metric, _, ema = key.rpartition("@")
+    return metric, float(ema)
+
+
 def _fit(points: list, step: int, window: int) -> tuple[float, float, float] | None:
-    """Least-squares line through the (step, value) points of the last `window` steps -> (start, end, slope)."""
+    """Least-squares line through the (step, value) points of the last `window` steps -> (start, end, slope).
+
+    Closed form on centred x:  slope = Σ(x-x̄)(y-ȳ) / Σ(x-x̄)²,  line(x) = ȳ + slope·(x-x̄).
+    Exact for points that lie on a line with small integer steps (no LAPACK call whose rounding varies by machine).
+    """
     pts = [p for p in points if p[0] > step - window]
     if len(pts) < max(3, (window + 1) // 2):
         return None
     x, y = np.array(pts, dtype=np.float64).T  # (n,), (n,)
-    slope, intercept = np.polyfit(x, y, 1)
-    return float(intercept + slope * x[0]), float(intercept + slope * x[-1]), float(slope)
+    dx, dy = x - x.mean(), y - y.mean()
+    slope = float((dx * dy).sum() / (dx * dx).sum())
+    return float(y.mean() + slope * dx[0]), float(y.mean() + slope * dx[-1]), slope
 
 
 def _moved(fit: tuple, direction: str, change: float) -> float | None:
     """Relative change of the fitted line if it moved at least `change` in `direction`, else None."""
     start, end, _ = fit
     rel = (end - start) / max(abs(start), 1e-12)
-    return rel if (rel <= -change if direction == "falling" else rel >= change) else None
+    edge = change * (1 - EDGE_RTOL)
+    return rel if (rel <= -edge if direction == "falling" else rel >= edge) else None
 
 
 class Monitor:
@@ -281,6 +326,15 @@ class Monitor:
                 for m in filter(None, (r.metric, r.with_metric)):
                     self._keep[m] = max(self._keep.get(m, 0), r.window)
         self._history: dict[str, list] = {m: [] for m in self._keep}  # metric -> [(step, value)]
+        # smoothed task scores (score rules and the unless_rising guards): "metric@ema" -> {m: EMA, first: its 1st value}
+        self._ema: dict[str, dict] = {}
+        for r in self.rules:
+            if r.kind == "score":
+                self._ema[_ema_key(r.metric, r.ema)] = {"m": None, "first": None}
+            if r.unless_rising:
+                self._ema[_ema_key(r.unless_rising, r.ema)] = {"m": None, "first": None}
+        self._ref: dict[str, float] = {}  # score rule id -> its reference (best or start smoothed value)
+        self._last: dict[str, RuleVerdict] = {}  # score rule id -> its last verdict (held between sparse evals)
         self._streak = dict.fromkeys(ids, 0)
         self._prev = dict.fromkeys(ids, "good")
         self.overall = "good"
@@ -293,7 +347,7 @@ class Monitor:
             self._streak[rid] = 0
         if step < rule.from_step or v is None:
             return RuleVerdict(None, "good", v, streak=self._streak[rid])
-        lo, hi = rule.good or (None, None)
+        lo, hi = rule.good if rule.good and step >= rule.good_from else (None, None)
         side = "low" if lo is not None and v < lo else "high" if hi is not None and v > hi else None
         hit = next((r for r in rule.bad if (r[0] is None or v > r[0]) and (r[1] is None or v < r[1])), None)
         if hit is None:
@@ -330,7 +384,7 @@ class Monitor:
             end, slope = fit[1], fit[2]
             gap = rule.toward - end
             steps_left = 0.0 if (gap <= 0 if rule.direction == "rising" else gap >= 0) else gap / slope
-            if steps_left > rule.horizon:
+            if steps_left > rule.horizon * (1 + EDGE_RTOL):
                 rel = None
             else:
                 why += f", heading for {_fmt(rule.toward)} in ~{max(steps_left, 0):.0f} steps"
@@ -340,21 +394,61 @@ class Monitor:
         side = "low" if rule.direction == "falling" else "high"
         return RuleVerdict(rule.level, rule.level, v, why, side, self._streak[rid])
 
+    def _score(self, rule: Rule, step: int, v: float | None) -> RuleVerdict:
+        """Task score vs its own best (or start): bad after `patience` judged steps with ref - EMA > drop."""
+        rid = rule.id
+        m = self._ema[_ema_key(rule.metric, rule.ema)]["m"]
+        if step < rule.from_step or m is None:
+            self._streak[rid] = 0
+            return RuleVerdict(None, "good", v, streak=0)
+        if v is None:  # a sparse metric (val/accuracy every test_freq steps): its last verdict holds
+            return self._last.get(rid) or RuleVerdict(None, "good", v)
+        ref = self._ref.get(rid)
+        ref = m if ref is None else max(ref, m) if rule.reference == "best" else ref
+        self._ref[rid] = ref
+        gap = ref - m
+        if gap <= rule.drop:
+            self._streak[rid] = 0
+            rv = RuleVerdict("good", "good", v)
+        else:
+            n = self._streak[rid] = self._streak[rid] + 1
+            what = f"{rule.metric} (EMA {rule.ema:g})" if rule.ema else rule.metric
+            why = (f"{what} {_fmt(m)} is {_fmt(gap)} below its {'best' if rule.reference == 'best' else 'start'} "
+                   f"{_fmt(ref)} for {n} step{'s' if n > 1 else ''}" + (f" (bad after {rule.patience})" if n < rule.patience else ""))
+            rv = RuleVerdict("bad", "bad" if n >= rule.patience else "watch", v, why, "low", n)
+        self._last[rid] = rv
+        return rv
+
+    def _rising(self, metric: str, ema: float, rise: float) -> tuple[float, float] | None:
+        """(first, now) of the smoothed metric when it stands at least `rise` above its first value, else None."""
+        tr = self._ema[_ema_key(metric, ema)]
+        return (tr["first"], tr["m"]) if tr["m"] is not None and tr["m"] - tr["first"] >= rise else None
+
     def observe(self, step: int, metrics: dict) -> StepVerdict:
         """Judge one step's metrics (missing / null / NaN values are simply not judged)."""
         step = int(step)
         for m, pts in self._history.items():  # a re-observed step (resume, rollback) replaces what followed it
             v = _value(metrics.get(m))
             pts[:] = [p for p in pts if step - self._keep[m] < p[0] < step] + ([(step, v)] if v is not None else [])
+        for key, tr in self._ema.items():  # m_t = ema * m_{t-1} + (1 - ema) * x_t,  m_0 = x_0
+            metric, ema = _split_ema_key(key)
+            v = _value(metrics.get(metric))
+            if v is not None:
+                tr["m"] = v if tr["m"] is None else ema * tr["m"] + (1 - ema) * v
+                tr["first"] = tr["m"] if tr["first"] is None else tr["first"]
         per_rule: dict[str, RuleVerdict] = {}
         for rule in self.rules:
-            judge = self._trend if rule.kind == "trend" else self._threshold
-            per_rule[rule.id] = judge(rule, step, _value(metrics.get(rule.metric)))
+            judge = {"trend": self._trend, "score": self._score}.get(rule.kind, self._threshold)
+            rv = judge(rule, step, _value(metrics.get(rule.metric)))
+            if rule.unless_rising and rv.effective == "bad" and (up := self._rising(rule.unless_rising, rule.ema, rule.rise)):
+                why = f"{rv.reason}; held at watch: {rule.unless_rising} is rising ({_fmt(up[0])} → {_fmt(up[1])})"
+                rv = replace(rv, effective="watch", reason=why)
+            per_rule[rule.id] = rv
         overall, failing = "good", None
         for rule in self.rules:
             rv = per_rule[rule.id]
             if CODES[rv.effective] > CODES[overall]:
-                overall, failing = rv.effective, Failing(rule.id, rule.metric, rv.direction, rv.effective)
+                overall, failing = rv.effective, Failing(rule.id, rule.metric, rv.direction, rv.effective, rule.kind)
         reason = per_rule[failing.rule].reason if failing else None
         events = []
         for rule in self.rules:
@@ -384,7 +478,8 @@ class Monitor:
     def state_dict(self) -> dict:
         return {"version": 1, "streak": dict(self._streak), "prev": dict(self._prev), "overall": self.overall,
                 "first_warning_step": self.first_warning_step, "first_bad_step": self.first_bad_step,
-                "history": {m: [list(p) for p in pts] for m, pts in self._history.items()}}
+                "history": {m: [list(p) for p in pts] for m, pts in self._history.items()},
+                "ema": {k: dict(v) for k, v in self._ema.items()}, "ref": dict(self._ref)}
 
     def load_state_dict(self, d: dict) -> None:
         """Restore what `state_dict` saved; rules added or removed since then start fresh."""
@@ -393,6 +488,10 @@ class Monitor:
         for m, pts in d.get("history", {}).items():
             if m in self._history:
                 self._history[m] = [(int(s), float(v)) for s, v in pts]
+        for k, tr in d.get("ema", {}).items():
+            if k in self._ema:
+                self._ema[k] = dict(tr)
+        self._ref.update({k: v for k, v in d.get("ref", {}).items() if k in self._streak})
         self.overall = d.get("overall", "good")
         self.first_warning_step, self.first_bad_step = d.get("first_warning_step"), d.get("first_bad_step")
 
@@ -421,6 +520,14 @@ def describe(rule: Rule) -> str:
         text = ", ".join(parts)
         if rule.patience > 1:
             text += f", patience {rule.patience}"
+        if rule.good and rule.good_from:
+            text += f", good band from step {rule.good_from}"
+    if rule.kind == "score":
+        ref = "its best" if rule.reference == "best" else "its start"
+        text = f"bad {'EMA ' + format(rule.ema, 'g') + ' ' if rule.ema else ''}> {_fmt(rule.drop)} below {ref}"
+        text += f", patience {rule.patience}" if rule.patience > 1 else ""
+    if rule.unless_rising:
+        text += f", held at watch while {rule.unless_rising} rises ≥ {_fmt(rule.rise)}"
     if rule.from_step:
         text += f", from step {rule.from_step}"
     if rule.ln_vocab:
@@ -517,8 +624,18 @@ def summarize(metrics_path_or_run_dir: str | Path, rules: list[Rule] | str | Non
                    "latest_step": None, "verdict": None, "reason": None, "at_checkpoints": {},
                    "first_warning_step": None, "first_bad_step": None} for r in monitor.rules}
     last = None
+    nonfinite: dict[str, tuple[int, Any]] = {}  # rule id -> (step, value) while its metric's latest value is NaN/inf
+    usable = 0  # finite numbers seen for any watched metric
     for step, m in records:
         last = monitor.observe(step, m)
+        for rule in monitor.rules:
+            if rule.metric in m:
+                raw = m[rule.metric]
+                usable += _value(raw) is not None
+                if _value(raw) is not None:
+                    nonfinite.pop(rule.id, None)
+                elif _nonfinite(raw):
+                    nonfinite[rule.id] = (nonfinite.get(rule.id, (step,))[0], raw)  # since the streak's first step
         for rid, rv in last.per_rule.items():
             row = rows[rid]
             if rv.value is not None:
@@ -529,14 +646,47 @@ def summarize(metrics_path_or_run_dir: str | Path, rules: list[Rule] | str | Non
                 row["first_bad_step"] = step
             if step in ckpts:
                 row["at_checkpoints"][str(step)] = {"value": rv.value, "verdict": rv.verdict}
+    overall, reason = (last.overall, last.reason) if last else (None, None)
+    failing = asdict(last.failing_rule) if last and last.failing_rule else None
+    first_warning, first_bad = monitor.first_warning_step, monitor.first_bad_step
+    for rid, (step, raw) in nonfinite.items():  # a NaN / inf metric is not healthy, whatever the rules say
+        row = rows[rid]
+        why = f"{row['metric']} is {_nonfinite_text(raw)} (non-finite) since step {step}"
+        row.update(verdict="bad", reason=why)
+        row["first_warning_step"] = row["first_warning_step"] or step
+        row["first_bad_step"] = row["first_bad_step"] or step
+        if overall != "bad":
+            overall, reason = "bad", why
+            failing = {"rule": rid, "metric": row["metric"], "direction": None, "verdict": "bad"}
+        first_warning = min(first_warning or step, step)
+        first_bad = min(first_bad or step, step)
+    if records and not usable and not nonfinite:
+        watched = sorted({r.metric for r in monitor.rules})
+        overall, reason = None, (f"no usable values: the watched metrics ({', '.join(watched)}) are missing or "
+                                 "not numbers in every step")
     return {
         "path": str(metrics_path_or_run_dir), "metrics_file": str(metrics_file), "rule_set": rule_set,
         "steps": len(records), "last_step": records[-1][0] if records else None, "checkpoints": ckpts,
-        "overall": last.overall if last else None, "reason": last.reason if last else None,
-        "failing_rule": asdict(last.failing_rule) if last and last.failing_rule else None,
-        "first_warning_step": monitor.first_warning_step, "first_bad_step": monitor.first_bad_step,
+        "overall": overall, "reason": reason, "failing_rule": failing,
+        "first_warning_step": first_warning, "first_bad_step": first_bad,
         "rules": list(rows.values()),
     }
+
+
+def _nonfinite(x: Any) -> bool:
+    """NaN / ±inf, as a JSON number (NaN, Infinity) or as a string ("nan", "inf")."""
+    if isinstance(x, bool):
+        return False
+    if isinstance(x, str):
+        try:
+            x = float(x.strip())
+        except ValueError:
+            return False
+    return isinstance(x, (int, float)) and not math.isfinite(x)
+
+
+def _nonfinite_text(x: Any) -> str:
+    return repr(x) if isinstance(x, str) else str(x)
 
 
 # --------------------------------------------------------------------------- keel monitor
@@ -551,7 +701,8 @@ def render_table(summary: dict):
 
     overall = summary["overall"]
     title = Text.assemble(f"{summary['path']}  ·  rules: {summary['rule_set']}  ·  step {summary['last_step']}  ·  overall ",
-                          (str(overall).upper() if overall else "no steps yet", _STYLE[overall]))
+                          (str(overall).upper() if overall else "no usable values" if summary["steps"] else
+                           "no steps yet", _STYLE[overall]))
     firsts = f"first warning: step {summary['first_warning_step']}  ·  first bad: step {summary['first_bad_step']}"
     caption = f"{summary['reason']}\n{firsts}" if summary["reason"] else firsts
     table = Table(title=title, caption=caption)

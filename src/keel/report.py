@@ -1,7 +1,10 @@
 """``keel report RUN_DIR [RUN_DIR ...]``: one self-contained HTML page (plus Markdown) per run, runs or sweep.
 
-What it holds, in order:
+What it holds, in order (pictures first):
 
+0. plots (item 4 below) lead the page; a sweep over seeds adds a held-out accuracy spread plot
+   (every seed, mean ± standard error per setting); the entropy axis turns logarithmic when the
+   curves span a factor of 10 or more
 1. results summary: key metrics at chosen steps (default 6 / 25 / 50 / last) and a trend in words
    (one table per run; for several runs also one comparison table, one row per run)
 2. config diff (two or more runs): only the keys that differ, one column per run
@@ -421,6 +424,8 @@ def plot_panel(runs: list[Run], panel: Panel) -> Figure | None:
                     ax.scatter(bad, [at[s] for s in bad], marker="x", color=line.get_color(), zorder=3)
         if panel.name == "entropy" and len(runs) == 1:
             shade_health(ax, *run_health_codes(runs[0]))
+        if panel.name == "entropy" and spans_decades([v for run in runs for key in keys for v in run.series(key)[1]]):
+            ax.set_yscale("log")  # a near-uniform run and a healthy one differ 10-100x: both stay readable
         ax.set_xlabel("step")
         title = keys[0] if len(groups) > 1 else panel.title
         if panel.name == "entropy":
@@ -432,6 +437,51 @@ def plot_panel(runs: list[Run], panel: Panel) -> Figure | None:
         fig.suptitle(panel.title, fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def spans_decades(values: list[float], ratio: float = 10.0) -> bool:
+    """True when the positive values span at least `ratio` (max / min >= 10: a log axis shows them all)."""
+    pos = [v for v in values if is_number(v) and v > 0]
+    return bool(pos) and max(pos) / min(pos) >= ratio
+
+
+def seed_spread_figure(sweep: Sweep) -> Figure | None:
+    """A sweep over seeds (``heldout_acc_after_s<seed>`` columns): per setting every seed's held-out accuracy
+    after training (dots), its mean ± standard error (bar), and the mean before training (open marker)."""
+    seed_cols = [i for i, h in enumerate(sweep.header) if h.startswith("heldout_acc_after_s") and h[19:].isdigit()]
+    if not seed_cols or "run" not in sweep.header:
+        return None
+    col = {h: i for i, h in enumerate(sweep.header)}
+    fig = Figure(figsize=(max(6.4, 0.8 * len(sweep.rows) + 2), 3.4), dpi=100)
+    ax = fig.add_subplot(1, 1, 1)
+    for x, row in enumerate(sweep.rows):
+        values = [float(row[i]) for i in seed_cols if i < len(row) and _is_float(row[i])]
+        ax.scatter([x] * len(values), values, color="tab:blue", s=18, zorder=3)
+        mean, se = _float(row, col.get("heldout_acc_after")), _float(row, col.get("heldout_acc_after_se"))
+        if mean is not None:
+            ax.errorbar([x], [mean], yerr=[se or 0.0], fmt="_", color="black", capsize=6, markersize=14, zorder=4)
+        before = _float(row, col.get("heldout_acc_before"))
+        if before is not None:
+            ax.scatter([x], [before], facecolors="none", edgecolors="gray", s=40, zorder=2)
+    ax.set_xticks(range(len(sweep.rows)))
+    ax.set_xticklabels([row[col["run"]] for row in sweep.rows], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("held-out accuracy")
+    ax.set_title(f"{sweep.path.name}: held-out accuracy after training per seed (dots), mean ± SE (bar), "
+                 "before (circle)", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def _is_float(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except (TypeError, ValueError):
+        return False
+
+
+def _float(row: list[str], i: int | None) -> float | None:
+    return float(row[i]) if i is not None and i < len(row) and _is_float(row[i]) else None
 
 
 def shade_health(ax, steps: list[int], codes: list[int]) -> None:
@@ -556,7 +606,23 @@ def facts_table(run: Run) -> Table:
 
 def build_blocks(runs: list[Run], sweeps: list[Sweep], steps: list[int] | None,
                  band: tuple[float, float] | None = None) -> tuple[list[tuple], dict[str, bytes]]:
-    blocks: list[tuple] = [("h2", "Results")]
+    # pictures first: the curves (and a sweep's seed spread) lead, the tables follow
+    blocks: list[tuple] = [("h2", "Curves")]
+    plots: dict[str, bytes] = {}
+    for sweep in sweeps:
+        fig = seed_spread_figure(sweep)
+        if fig is not None:
+            name = f"seed_spread_{sweep.path.name}"
+            plots[name] = figure_png(fig)
+            blocks.append(("img", name, plots[name]))
+    for panel in PANELS:
+        fig = plot_panel(runs, panel)
+        if fig is None:
+            blocks.append(("p", f"{panel.title}: not logged ({', '.join(panel.keys)})"))
+            continue
+        plots[panel.name] = figure_png(fig)
+        blocks.append(("img", panel.name, plots[panel.name]))
+    blocks.append(("h2", "Results"))
     if len(runs) > 1 or band is not None:
         blocks.append(("table", comparison_table(runs, band)))
     for run in runs:
@@ -569,15 +635,6 @@ def build_blocks(runs: list[Run], sweeps: list[Sweep], steps: list[int] | None,
         blocks.append(("table", config_diff(runs)))
     for sweep in sweeps:
         blocks.append(("table", Table(f"Sweep summary: {sweep.path.name}", sweep.header, sweep.rows)))
-    blocks.append(("h2", "Curves"))
-    plots: dict[str, bytes] = {}
-    for panel in PANELS:
-        fig = plot_panel(runs, panel)
-        if fig is None:
-            blocks.append(("p", f"{panel.title}: not logged ({', '.join(panel.keys)})"))
-            continue
-        plots[panel.name] = figure_png(fig)
-        blocks.append(("img", panel.name, plots[panel.name]))
     blocks += [("h2", "Health"), ("table", criteria_table(runs))]
     blocks.append(("h2", "Runs"))
     for run in runs:

@@ -37,6 +37,7 @@ import math
 import numbers
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -201,18 +202,31 @@ class VerifyPool:
         self._lock = threading.Lock()
         self.restarts = 0
 
-    def run(self, jobs: list[tuple[str, str]], timeout_s: float) -> list[float | BaseException]:
-        """(gold, prediction) pairs -> 1.0 / 0.0, or VerifyTimeout / RuntimeError per pair."""
-        with self._lock:
-            return self._run(jobs, timeout_s)
+    def run(self, jobs: list[tuple[str, str]], timeout_s: float,
+            batch_timeout_s: float | None = None) -> list[float | BaseException]:
+        """(gold, prediction) pairs -> 1.0 / 0.0, or VerifyTimeout / RuntimeError per pair.
 
-    def _run(self, jobs: list[tuple[str, str]], timeout_s: float) -> list[float | BaseException]:
+        `timeout_s` bounds each call; `batch_timeout_s` the whole batch (calls not done by then time out)."""
+        with self._lock:
+            return self._run(jobs, timeout_s, batch_timeout_s)
+
+    def _run(self, jobs: list[tuple[str, str]], timeout_s: float,
+             batch_timeout_s: float | None = None) -> list[float | BaseException]:
         results: list[float | BaseException | None] = [None] * len(jobs)
         pending = list(range(len(jobs)))[::-1]  # popped from the end
+        end = time.monotonic() + batch_timeout_s if batch_timeout_s else math.inf
         while len(self._workers) < min(self.size, len(jobs)):
             self._workers.append(_Worker())
         while pending or any(w.state == "busy" for w in self._workers):
             now = time.monotonic()
+            if now >= end:  # the batch's deadline: whatever is not scored yet times out
+                late = VerifyTimeout(f"math-verify batch took longer than {batch_timeout_s} s")
+                for w in [w for w in self._workers if w.state == "busy"]:
+                    results[w.job] = late
+                    self._replace(w)
+                for job in pending:
+                    results[job] = late
+                break
             for w in self._workers:  # hand out work
                 if w.state == "idle" and pending:
                     w.job = pending.pop()
@@ -225,7 +239,7 @@ class VerifyPool:
             waiting = [w for w in self._workers if w.state != "idle"]
             if not waiting:
                 continue
-            ready = wait([w.results for w in waiting], timeout=max(0.0, min(w.deadline for w in waiting) - now))
+            ready = wait([w.results for w in waiting], timeout=max(0.0, min(end, *(w.deadline for w in waiting)) - now))
             for w in waiting:
                 if w.results in ready:
                     self._receive(w, results)
@@ -283,8 +297,11 @@ def get_pool(workers: int | None = None) -> VerifyPool:
         return _POOL
 
 
-def math_verify_batch(completions: list[str], golds: list[str], timeout_s: float = 5.0) -> list[float | BaseException]:
+def math_verify_batch(completions: list[str], golds: list[str], timeout_s: float = 5.0,
+                      batch_timeout_s: float | None = None) -> list[float | BaseException]:
     """Score each completion against its gold answer; plain numbers locally, the rest in the pool.
+
+    Each pool call has `timeout_s`; all of them together `batch_timeout_s` (None: no batch deadline).
 
     Identical (gold, answer) pairs in a batch (common within a GRPO group) are verified once.
     """
@@ -301,7 +318,7 @@ def math_verify_batch(completions: list[str], golds: list[str], timeout_s: float
         jobs.setdefault((gold, prediction), []).append(i)
     if jobs:
         keys = list(jobs)
-        for key, result in zip(keys, get_pool().run(keys, timeout_s)):
+        for key, result in zip(keys, get_pool().run(keys, timeout_s, batch_timeout_s)):
             for i in jobs[key]:
                 out[i] = result
     return out  # type: ignore[return-value]
@@ -374,11 +391,13 @@ def arithmetic_reward(completions: list[str], rows: list[PromptRow], *, timeout_
 
 
 @register_reward(RewardName.MATH_VERIFY)
-def math_verify_reward(completions: list[str], rows: list[PromptRow], *, timeout_s: float) -> list[Score]:
+def math_verify_reward(completions: list[str], rows: list[PromptRow], *, timeout_s: float,
+                       batch_timeout_s: float | None = None) -> list[Score]:
     golds = [r.ground_truth for r in rows]
     usable = [i for i, g in enumerate(golds) if g.strip()]  # no gold answer: not applicable
     scores: list[Score] = [None] * len(completions)
-    for i, s in zip(usable, math_verify_batch([completions[i] for i in usable], [golds[i] for i in usable], timeout_s)):
+    for i, s in zip(usable, math_verify_batch([completions[i] for i in usable], [golds[i] for i in usable], timeout_s,
+                                              batch_timeout_s)):
         scores[i] = s
     return scores
 
@@ -397,16 +416,120 @@ def auto_reward_name(data_source: str) -> RewardName:
 
 
 @register_reward(RewardName.AUTO)
-def auto_reward(completions: list[str], rows: list[PromptRow], *, timeout_s: float) -> list[Score]:
+def auto_reward(completions: list[str], rows: list[PromptRow], *, timeout_s: float,
+                batch_timeout_s: float | None = None) -> list[Score]:
     scores: list[Score] = [None] * len(completions)
     groups: dict[RewardName, list[int]] = {}
     for i, row in enumerate(rows):
         groups.setdefault(auto_reward_name(row.data_source), []).append(i)
     for name, idx in groups.items():
-        got = BUILTIN_REWARDS[name]([completions[i] for i in idx], [rows[i] for i in idx], timeout_s=timeout_s)
+        extra = {"batch_timeout_s": batch_timeout_s} if name is RewardName.MATH_VERIFY else {}
+        got = BUILTIN_REWARDS[name]([completions[i] for i in idx], [rows[i] for i in idx], timeout_s=timeout_s,
+                                    **extra)
         for i, s in zip(idx, got):
             scores[i] = s
     return scores
+
+
+# --------------------------------------------------------------------------- deadlines for custom functions
+
+
+class RewardTimeout(BaseException):
+    """A custom reward function past ``reward.batch_timeout_s``; its unscored samples score 0 (reward/timeouts).
+
+    A BaseException so that a function's own ``except Exception`` cannot swallow the deadline."""
+
+
+class RewardExit(Exception):
+    """A reward function that raised SystemExit / KeyboardInterrupt / another BaseException: a failure of that
+    function (its sample scores reward.error_score), not the run's exit or the user's Ctrl-C."""
+
+
+_CTRL_C = threading.Event()  # set by the SIGINT handler of a guarded call: a real Ctrl-C, not a raised one
+
+
+def _contained(fn: Callable) -> Callable:
+    """`fn` whose non-Exception escapes (``sys.exit()``, a raised KeyboardInterrupt) become :class:`RewardExit`."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (Exception, RewardTimeout):
+            raise
+        except BaseException as e:
+            if isinstance(e, KeyboardInterrupt) and _CTRL_C.is_set():
+                raise  # the user pressed Ctrl-C while the function ran
+            args_text = ", ".join(repr(a) for a in e.args)
+            raise RewardExit(f"raised {type(e).__name__}({args_text})") from None
+
+    return call
+
+
+def run_with_deadline(work: Callable[[], Any], seconds: float, what: str) -> Any:
+    """``work()``, or RewardTimeout once `seconds` have passed.
+
+    In the main thread a watchdog thread sends SIGALRM to it (again every 0.2 s until `work` gives up), which
+    interrupts Python code, sleeps and I/O (not a C call that never returns to the interpreter); math-verify's
+    own SIGALRM timeouts inside `work` keep working. Elsewhere `work` runs in a daemon thread that is abandoned
+    when late. While it runs, Ctrl-C is told apart from a KeyboardInterrupt that `work` raises itself.
+    """
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_kill"):
+        return _deadline_in_thread(work, seconds, what)
+    active = [True]
+
+    def on_alarm(signum, frame):
+        if active[0]:
+            raise RewardTimeout(f"{what} took longer than {seconds:g} s")
+
+    def on_ctrl_c(signum, frame):
+        _CTRL_C.set()
+        raise KeyboardInterrupt
+
+    done = threading.Event()
+    main_id = threading.main_thread().ident
+
+    def watchdog() -> None:
+        if done.wait(seconds):
+            return
+        while not done.is_set():
+            signal.pthread_kill(main_id, signal.SIGALRM)
+            done.wait(0.2)
+
+    _CTRL_C.clear()
+    old_alarm = signal.signal(signal.SIGALRM, on_alarm)
+    old_int = signal.getsignal(signal.SIGINT)
+    if old_int is signal.default_int_handler:
+        signal.signal(signal.SIGINT, on_ctrl_c)
+    dog = threading.Thread(target=watchdog, daemon=True, name="keel-reward-deadline")
+    dog.start()
+    try:
+        return work()
+    finally:
+        active[0] = False
+        done.set()
+        dog.join()
+        signal.signal(signal.SIGALRM, old_alarm)
+        if old_int is signal.default_int_handler:
+            signal.signal(signal.SIGINT, old_int)
+
+
+def _deadline_in_thread(work: Callable[[], Any], seconds: float, what: str) -> Any:
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = work()
+        except BaseException as e:  # handed to the caller's thread
+            box["error"] = e
+
+    worker = threading.Thread(target=run, daemon=True, name=f"keel-reward {what}")
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        raise RewardTimeout(f"{what} took longer than {seconds:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 # --------------------------------------------------------------------------- custom functions
@@ -487,7 +610,11 @@ class RewardFunction:
         self.error_score, self.timeout_s = float(error_score), float(timeout_s)
         self._warned = False
         self.max_failed_batches = 3  # reward.max_failed_batches (0 = never stop)
+        self.batch_timeout_s = 60.0  # reward.batch_timeout_s: one batch's scoring by this function
         self._failed_in_row = 0  # batches in a row on which every sample failed
+        self._call = _contained(fn)  # sys.exit() / a raised KeyboardInterrupt fail the sample, not the run
+        params = inspect.signature(fn).parameters if style is Style.BUILTIN else {}
+        self._builtin_batch_deadline = "batch_timeout_s" in params
 
     def __call__(self, prompts: list[str], completions: list[str], rows: list[PromptRow],
                  response_lengths: list[int]) -> list[float]:
@@ -497,11 +624,10 @@ class RewardFunction:
               response_lengths: list[int]) -> tuple[list[float], dict[str, float]]:
         """(scores, counts) with counts = {"errors", "not_applicable", "timeouts", and verl dict extras "<key>/sum"}."""
         if self.style is Style.BUILTIN:
-            raw = self.fn(completions, rows, timeout_s=self.timeout_s, **self.kwargs)
-        elif self.style is Style.TRL:
-            raw = self._call_trl(completions, rows)
+            extra = {"batch_timeout_s": self.batch_timeout_s} if self._builtin_batch_deadline else {}
+            raw = self.fn(completions, rows, timeout_s=self.timeout_s, **extra, **self.kwargs)
         else:
-            raw = [_per_sample(self._call_verl, c, r) for c, r in zip(completions, rows)]
+            raw = self._call_custom(completions, rows)
         self._check_length(raw, len(completions))
         scores: list[float] = []
         counts = {"errors": 0.0, "not_applicable": 0.0, "timeouts": 0.0}
@@ -514,7 +640,7 @@ class RewardFunction:
             if value is None:
                 counts["not_applicable"] += 1
                 scores.append(0.0)
-            elif isinstance(value, VerifyTimeout):
+            elif isinstance(value, (VerifyTimeout, RewardTimeout)):
                 counts["timeouts"] += 1
                 scores.append(0.0)
             elif isinstance(value, BaseException) or not _is_finite_number(value):
@@ -523,13 +649,33 @@ class RewardFunction:
                 scores.append(self.error_score)
             else:
                 scores.append(float(value))
-        self._stop_if_broken(raw, counts["errors"])
+        self._stop_if_broken(raw, counts["errors"], counts["timeouts"])
         return scores, counts
 
-    def _stop_if_broken(self, raw: list, errors: float) -> None:
-        """A function that fails on every sample, batch after batch, is broken: say so instead of training on
-        constant scores (which give every completion the same advantage, zero)."""
-        self._failed_in_row = self._failed_in_row + 1 if raw and errors == len(raw) else 0
+    def _call_custom(self, completions: list[str], rows: list[PromptRow]) -> list[Score]:
+        """A TRL (one call) or verl (one call per sample) function, all of it under reward.batch_timeout_s."""
+        raw: list[Score] = []  # verl: filled as samples are scored, so a late batch keeps what was done
+        try:
+            if self.style is Style.TRL:
+                return run_with_deadline(lambda: self._call_trl(completions, rows), self.batch_timeout_s,
+                                         f"reward function '{self.name}'")
+            run_with_deadline(lambda: raw.extend(_per_sample(self._call_verl, c, r) for c, r in zip(completions, rows)),
+                              self.batch_timeout_s, f"reward function '{self.name}'")
+            return raw
+        except RewardTimeout as late:
+            return raw + [late] * (len(completions) - len(raw))
+
+    def _stop_if_broken(self, raw: list, errors: float, timeouts: float = 0.0) -> None:
+        """A function that fails (or times out) on every sample, batch after batch, is broken: say so instead of
+        training on constant scores (which give every completion the same advantage, zero)."""
+        self._failed_in_row = self._failed_in_row + 1 if raw and errors + timeouts == len(raw) else 0
+        if self.max_failed_batches and self._failed_in_row >= self.max_failed_batches and timeouts == len(raw):
+            limits = f"reward.batch_timeout_s={self.batch_timeout_s:g}"
+            if self.style is Style.BUILTIN:
+                limits = f"reward.timeout_s={self.timeout_s:g} per call, {limits}"
+            raise KeelError(f"reward function '{self.name}' timed out on every sample of {self._failed_in_row} "
+                            f"batches in a row ({limits}); make it faster, raise the limit or remove it from "
+                            f"reward.functions (reward.max_failed_batches={self.max_failed_batches})")
         if self.max_failed_batches and self._failed_in_row >= self.max_failed_batches:
             last = next((v for v in reversed(raw) if isinstance(v, BaseException)), None)
             why = f"last error {type(last).__name__}: {str(last)[:200]}" if last is not None else "non-numeric scores"
@@ -544,7 +690,7 @@ class RewardFunction:
                    for c, r in zip(completions, rows)]
         columns = _trl_columns(rows)
         try:
-            out = self.fn(prompts=prompts, completions=wrapped, **{**columns, **self.kwargs})
+            out = self._call(prompts=prompts, completions=wrapped, **{**columns, **self.kwargs})
             if not isinstance(out, (list, tuple)):
                 raise KeelError(f"reward function '{self.name}' must return a list of floats, got {type(out).__name__}")
             return list(out)
@@ -555,7 +701,7 @@ class RewardFunction:
             for i in range(len(completions)):
                 one = {k: v[i : i + 1] for k, v in columns.items()}
                 try:
-                    got = self.fn(prompts=prompts[i : i + 1], completions=wrapped[i : i + 1], **{**one, **self.kwargs})
+                    got = self._call(prompts=prompts[i : i + 1], completions=wrapped[i : i + 1], **{**one, **self.kwargs})
                 except Exception as e:
                     raw.append(e)
                     continue
@@ -564,8 +710,8 @@ class RewardFunction:
             return raw
 
     def _call_verl(self, completion: str, row: PromptRow) -> Any:
-        return self.fn(data_source=row.data_source, solution_str=completion, ground_truth=row.ground_truth,
-                       extra_info=row.extra_info, **self.kwargs)
+        return self._call(data_source=row.data_source, solution_str=completion, ground_truth=row.ground_truth,
+                          extra_info=row.extra_info, **self.kwargs)
 
     def _check_length(self, raw: Any, n: int) -> None:
         if not isinstance(raw, (list, tuple)):
@@ -684,6 +830,7 @@ def build_reward(cfg: Any) -> CombinedReward:
     seen: dict[str, int] = {}
     for fn in functions:  # distinct metric names: reward/<name>/mean
         fn.max_failed_batches = r.max_failed_batches
+        fn.batch_timeout_s = r.batch_timeout_s
         seen[fn.name] = seen.get(fn.name, 0) + 1
         if seen[fn.name] > 1:
             fn.name = f"{fn.name}_{seen[fn.name]}"

@@ -43,8 +43,14 @@ class Rollout:
         return [len(r) for r in self.response_ids]
 
 
+class NonFiniteLogits(RuntimeError):
+    """The policy's logits hold NaN/inf: its weights are broken (a diverged update); nothing can be sampled."""
+
+
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
-    """logits (A, V) -> token ids (A,); temperature 0 = greedy."""
+    """logits (A, V) -> token ids (A,); temperature 0 = greedy. NonFiniteLogits if any logit is NaN/inf."""
+    if not bool(torch.isfinite(logits).all()):
+        raise NonFiniteLogits("non-finite logits in sampling (NaN or inf)")
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
@@ -153,10 +159,15 @@ def _generate_hf(model, prompts, G, max_new_tokens, temperature, top_p, eos_id, 
         ids, mask = ids.repeat_interleave(G, 0), mask.repeat_interleave(G, 0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        seqs = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-            eos_token_id=eos_id, pad_token_id=pad_id, **sampling,
-        )
+        try:
+            seqs = model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                eos_token_id=eos_id, pad_token_id=pad_id, **sampling,
+            )
+        except RuntimeError as e:  # torch.multinomial: "probability tensor contains either `inf`, `nan` ..."
+            if "inf" in str(e) and "nan" in str(e):
+                raise NonFiniteLogits(f"non-finite logits in sampling ({str(e).splitlines()[0][:120]})") from None
+            raise
     new = seqs[:, P:].tolist()
     response_ids, finished = [], []
     for row in new:

@@ -100,12 +100,11 @@ class VLLMRollout:
                 tokenizer=cfg.model.tokenizer_path or model_dir, max_model_len=max_len, generation_config="vllm",
                 logprobs_mode="processed_logprobs", enable_prefix_caching=True, **memory,
             )
-        except ValueError as e:  # vLLM's config checks (model dir, KV-cache size, dtype) raise ValueError
-            reason = str(e).strip().splitlines()[0][:300]
-            raise KeelError(f"vLLM could not start on '{model_dir}': {reason} "
-                            f"(Keel sizes its KV cache with actor_rollout_ref.rollout.{key}={memory[key]})") from None
+        except Exception as e:  # config checks raise ValueError; kernels and workers RuntimeError and others
+            raise engine_start_error(e, model_dir, f"actor_rollout_ref.rollout.{key}={memory[key]}") from None
         finally:
             torch.set_num_threads = set_num_threads
+        self.model_dir = model_dir
         self.tied = bool(self._engine_model_attr("tie"))
         self.max_model_len = max_len
 
@@ -133,7 +132,12 @@ class VLLMRollout:
                                  top_p=top_p, top_k=0, stop_token_ids=[self.eos_id], detokenize=False,
                                  logprobs=0 if with_logprobs else None)
                   for g in range(len(prompts))]
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
+        try:
+            outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
+        except RuntimeError as e:  # CPU attention checks its configuration at the first batch
+            if "Unsupported CPU attention configuration" not in str(e):
+                raise
+            raise engine_start_error(e, self.model_dir, "") from None
         prompt_rows, response_ids, finished, logprobs = [], [], [], []
         for p, out in zip(prompts, outs):  # outputs come back in prompt order
             for c in sorted(out.outputs, key=lambda c: c.index):
@@ -161,6 +165,21 @@ class VLLMRollout:
     def _engine_model_attr(self, what: str):
         """Inspect or repair the engine's output layer ("tie": is lm_head the embedding? "retie": make it so)."""
         return self.llm.collective_rpc(_output_layer, args=(what,))[0]
+
+
+def engine_start_error(error: BaseException, model_dir: str, memory_setting: str) -> KeelError:
+    """One line for a vLLM engine that failed to start (or to run its first batch): what vLLM said, and the fix."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    reason = lines[0][:300] if lines else type(error).__name__
+    if isinstance(error, ValueError):  # vLLM's config checks (model dir, KV-cache size, dtype)
+        return KeelError(f"vLLM could not start on '{model_dir}': {reason} (Keel sizes its KV cache with {memory_setting})")
+    if "head_dim" in reason or "head size" in reason.lower():
+        fix = ("vLLM has no attention kernel for this model's head_dim = hidden_size / num_attention_heads here; "
+               "use one it supports, e.g. 32, 64 or 128: `keel tiny-model` makes 64 / 2 heads = 32")
+    else:
+        fix = f"{type(error).__name__} while building the engine"
+    return KeelError(f"vLLM could not start on '{model_dir}': {reason} ({fix}; "
+                     "or use Keel's own sampler: actor_rollout_ref.rollout.name=hf)")
 
 
 def _rotary_reload_warning(record: logging.LogRecord) -> bool:

@@ -3,7 +3,8 @@
 Every run is one ``keel train`` process in SWEEP_DIR/runs/<name>/, ``n_jobs`` at a time. When it
 ends, it gets an **outcome** from its exit code and the health rules replayed over its metrics (the
 lab log's table, generated): Stable, Collapsed (bad on the low side: entropy, or connectives / rewarded
-length), Too random (entropy bad-high), Diverged (KL bad-high, a non-finite loss, exit 4), Pruned (by
+length), Too random (entropy bad-high), Diverged (KL bad-high, a non-finite loss, exit 4), Regressed (a
+task-score rule: the training score well below its own best, or held-out accuracy below its start), Pruned (by
 the Optuna pruner), Stopped early (ended early, no health verdict explains it), Failed (crashed or
 rejected its config: exit code and last error line kept). The earliest problem (by step) names it.
 
@@ -28,6 +29,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -47,6 +49,7 @@ class Outcome(str, Enum):
     COLLAPSED = "Collapsed"
     TOO_RANDOM = "Too random"
     DIVERGED = "Diverged"
+    REGRESSED = "Regressed"
     PRUNED = "Pruned"
     STOPPED_EARLY = "Stopped early"
     FAILED = "Failed"
@@ -88,7 +91,10 @@ def _run_rules(run_dir: Path, rules: list[Rule] | str | None) -> list[Rule]:
 
 
 def side_outcome(failing: Failing) -> Outcome:
-    """The rule failing at the first bad step -> KL high: Diverged; else low: Collapsed, high: Too random."""
+    """The rule failing at the first bad step -> a task-score rule: Regressed; KL high: Diverged; else low:
+    Collapsed, high: Too random."""
+    if failing.kind == "score":
+        return Outcome.REGRESSED
     if "kl" in failing.metric.lower() and failing.direction != "low":
         return Outcome.DIVERGED
     return Outcome.COLLAPSED if failing.direction == "low" else Outcome.TOO_RANDOM
@@ -173,6 +179,8 @@ class RunSpec:
     values: dict[str, Any]  # dotted config key -> the value this run sets (its swept values)
     source: str  # list | grid | optuna
     trial: Any = None  # the optuna.Trial of an Optuna run
+    setting: str | None = None  # with `seeds`: the listed / grid run this is one seed of (its name without -s<seed>)
+    seed: int | None = None  # with `seeds`: its trainer.seed
 
     def overrides(self) -> list[str]:
         return [f"{k}={override_text(v)}" for k, v in self.values.items()]
@@ -212,6 +220,7 @@ class SweepSpec:
     poll_s: float = 1.0
     runs: list[RunSpec] = field(default_factory=list)
     optuna: OptunaSpec | None = None
+    seeds: list[int] = field(default_factory=list)  # every listed / grid run once per seed (trainer.seed)
 
     def run_overrides(self, run: RunSpec) -> list[str]:
         """Everything a run's `keel train` gets after the base config (except trainer.run_dir)."""
@@ -384,12 +393,35 @@ def _optuna_spec(sec: _Section, name: str) -> OptunaSpec:
     return OptunaSpec(**kw)
 
 
+def parse_seeds(text: str) -> list[int]:
+    """``--seeds 1,2,3`` -> [1, 2, 3] (integers >= 0, no repeats)."""
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise KeelError(f"--seeds must be comma-separated integers such as 1,2,3, got {text!r}") from None
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise KeelError(f"--seeds must list distinct integers >= 0, got {text!r}")
+    return seeds
+
+
+def _seeded(runs: list[RunSpec], seeds: list[int], sec: _Section) -> list[RunSpec]:
+    """Each run once per seed: name <run>-s<seed>, trainer.seed=<seed>; seed-major, so every setting has its
+    first seed before any has a second (a sweep cut short still compares all settings)."""
+    for run in runs:
+        if "trainer.seed" in run.values:
+            raise sec.error("seeds", f"cannot be combined with run '{run.name}', which sets trainer.seed itself")
+    return [RunSpec(f"{run.name}-s{seed}", {**run.values, "trainer.seed": seed}, run.source, setting=run.name, seed=seed)
+            for seed in seeds for run in runs]
+
+
 def load_sweep_spec(path: str | Path, overrides: list[str] | None = None, out_dir: str | Path | None = None,
-                    n_jobs: int | None = None) -> SweepSpec:
-    """Read and check a sweep file; `overrides` (``key=value``) apply to every run, after the file's."""
+                    n_jobs: int | None = None, seeds: list[int] | None = None) -> SweepSpec:
+    """Read and check a sweep file; `overrides` (``key=value``) apply to every run, after the file's.
+
+    `seeds` (``--seeds``) replaces the file's ``seeds`` list."""
     path = Path(path)
     top = ["name", "base", "out", "n_jobs", "overrides", "summary_step", "stop_on_bad", "warm_start", "poll_s",
-           "runs", "grid", "optuna"]
+           "runs", "grid", "optuna", "seeds"]
     sec = _Section(path, read_yaml(path), "", top)
     name = _run_name(sec.get("name", path.stem), sec, "name")
     base_text = sec.get("base", None, lambda v: isinstance(v, str) and v, "a config file path")
@@ -422,6 +454,14 @@ def load_sweep_spec(path: str | Path, overrides: list[str] | None = None, out_di
         spec.runs.append(RunSpec(_run_name(r.get("name", None), r, f"runs[{i}].name"), r.mapping("set"), "list"))
     if "grid" in sec.raw:
         spec.runs += _grid_runs(sec)
+    file_seeds = sec.get("seeds", None, lambda v: isinstance(v, list) and v and all(
+        isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v) and len(set(v)) == len(v),
+        "a non-empty list of distinct integers >= 0 (trainer.seed values)")
+    spec.seeds = list(seeds if seeds is not None else file_seeds or [])
+    if spec.seeds:
+        if "trainer.seed" in common:
+            raise sec.error("seeds", "cannot be combined with a trainer.seed override for every run")
+        spec.runs = _seeded(spec.runs, spec.seeds, sec)
     if "optuna" in sec.raw:
         spec.optuna = _optuna_spec(sec, name)
     if not spec.runs and spec.optuna is None:
@@ -601,7 +641,7 @@ def _finish(spec: SweepSpec, job: Job, study, log) -> dict:
         if outcome == Outcome.STABLE and value is None:
             record["note"] = f"objective '{spec.optuna.objective}' was not logged"
         state = (TrialState.COMPLETE if value is not None else TrialState.PRUNED
-                 if outcome in (Outcome.PRUNED, Outcome.COLLAPSED, Outcome.TOO_RANDOM, Outcome.DIVERGED)
+                 if outcome in (Outcome.PRUNED, Outcome.COLLAPSED, Outcome.TOO_RANDOM, Outcome.DIVERGED, Outcome.REGRESSED)
                  else TrialState.FAIL)
         job.run.trial.set_user_attr("record", record)
         job.run.trial.set_user_attr("row", summary_row(spec, job.run_dir, record))
@@ -616,9 +656,9 @@ def _finish(spec: SweepSpec, job: Job, study, log) -> dict:
 
 
 def run_sweep(spec_path: str | Path, out_dir: str | Path | None = None, n_jobs: int | None = None,
-              overrides: list[str] | None = None, log=print) -> Path:
+              overrides: list[str] | None = None, log=print, seeds: list[int] | None = None) -> Path:
     """Run (or resume) a sweep; returns the sweep directory with summary.md / summary.csv."""
-    spec = load_sweep_spec(spec_path, overrides, out_dir, n_jobs)
+    spec = load_sweep_spec(spec_path, overrides, out_dir, n_jobs, seeds)
     (spec.out / "runs").mkdir(parents=True, exist_ok=True)
     if spec.path.resolve() != (spec.out / "sweep.yaml").resolve():
         shutil.copyfile(spec.path, spec.out / "sweep.yaml")
@@ -739,26 +779,153 @@ def summary_rows(spec: SweepSpec, study=None) -> list[dict]:
     return rows
 
 
-def write_summary(spec: SweepSpec, study=None) -> tuple[Path, Path]:
-    """SWEEP_DIR/summary.csv and summary.md (same columns; the Markdown adds the outcome counts)."""
-    rows = summary_rows(spec, study)
+HEALTHY_OUTCOMES = (Outcome.STABLE.value,)  # the verdicts that call a finished run healthy
+GAIN = 0.10  # held-out gain (accuracy points / 100) that a healthy verdict must not miss
+
+
+def _mean_se(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and standard error sd / sqrt(n) (sample sd, n - 1); SE None for one value."""
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return mean, sd / math.sqrt(len(values))
+
+
+def _pm(mean: float | None, se: float | None) -> str:
+    return "" if mean is None else f"{mean:.3f}" + (f" ± {se:.3f}" if se is not None else "")
+
+
+def outcome_counts(outcomes: list[str]) -> str:
+    """["Stable", "Diverged", "Stable"] -> "Stable 2/3, Diverged 1/3" (most frequent first, ties in Outcome order)."""
+    order = [o.value for o in Outcome] + [PENDING]
+    counts = collections.Counter(outcomes)
+    ranked = sorted(counts, key=lambda o: (-counts[o], order.index(o) if o in order else len(order)))
+    return ", ".join(f"{o} {counts[o]}/{len(outcomes)}" for o in ranked)
+
+
+def setting_rows(spec: SweepSpec, rows: list[dict]) -> list[dict]:
+    """Per-seed run rows -> one row per setting: outcome counts, median first-bad step, means (± SE), per-seed values."""
+    by_name = {r.name: r for r in spec.runs}
+    groups: dict[str, list[tuple[RunSpec, dict]]] = {}
+    for row in rows:
+        run = by_name.get(row["run"])
+        if run is not None and run.setting is not None:
+            groups.setdefault(run.setting, []).append((run, row))
+    _, labels = _swept_keys(spec)
+    out = []
+    for setting, members in groups.items():
+        first = members[0][1]
+        agg: dict[str, Any] = {"run": setting, "source": first["source"]}
+        agg.update({lab: first.get(lab) for lab in labels.values() if lab != "trainer.seed"})
+        done = [row for _, row in members if row["outcome"] != PENDING]
+        bad_steps = [row["bad_step"] for row in done if row["outcome"] not in HEALTHY_OUTCOMES and _is_num(row.get("bad_step"))]
+        agg.update(outcome=outcome_counts([row["outcome"] for _, row in members]), seeds=len(members),
+                   bad_step_median=statistics.median(bad_steps) if bad_steps else None)
+        for key in ("heldout_acc_before", "heldout_acc_after"):
+            mean, se = _mean_se([float(row[key]) for row in done if _is_num(row.get(key))])
+            agg[key], agg[f"{key}_se"] = mean, se
+        agg["heldout_acc_after_mean_se"] = _pm(agg["heldout_acc_after"], agg["heldout_acc_after_se"])
+        n = spec.summary_step
+        for label, _ in SUMMARY_METRICS:
+            agg[f"{label}@{n}"] = _mean_se([float(row[f"{label}@{n}"]) for row in done if _is_num(row.get(f"{label}@{n}"))])[0]
+        for run, row in members:
+            for key in ("outcome", "bad_step", "heldout_acc_before", "heldout_acc_after"):
+                agg[f"{key}_s{run.seed}"] = row.get(key)
+        out.append(agg)
+    return out
+
+
+def agreement(rows: list[dict]) -> dict:
+    """The verdicts against what happened to held-out accuracy (finished runs with both numbers).
+
+    fell: after < before; gained: after - before >= GAIN; else flat. unhealthy: any outcome but Stable.
+    miss = fell but judged healthy; false alarm = gained but judged unhealthy. precision / recall of
+    "unhealthy" as a prediction of "fell".
+    """
+    cells = collections.Counter()
+    misses, alarms = [], []
+    for row in rows:
+        before, after = row.get("heldout_acc_before"), row.get("heldout_acc_after")
+        if row["outcome"] in (PENDING, Outcome.FAILED.value) or not (_is_num(before) and _is_num(after)):
+            continue
+        change = "fell" if after < before else "gained" if after - before >= GAIN - 1e-9 else "flat"
+        verdict = "healthy" if row["outcome"] in HEALTHY_OUTCOMES else "unhealthy"
+        cells[change, verdict] += 1
+        if change == "fell" and verdict == "healthy":
+            misses.append(row["run"])
+        if change == "gained" and verdict == "unhealthy":
+            alarms.append(row["run"])
+    flagged = cells["fell", "unhealthy"] + cells["flat", "unhealthy"] + cells["gained", "unhealthy"]
+    fell = cells["fell", "unhealthy"] + cells["fell", "healthy"]
+    return {"cells": {f"{c}/{v}": cells[c, v] for c in ("fell", "flat", "gained") for v in ("unhealthy", "healthy")},
+            "misses": misses, "false_alarms": alarms,
+            "precision": cells["fell", "unhealthy"] / flagged if flagged else None,
+            "recall": cells["fell", "unhealthy"] / fell if fell else None}
+
+
+def agreement_lines(rows: list[dict]) -> list[str]:
+    """The agreement table as Markdown lines (empty when no run has both held-out numbers)."""
+    a = agreement(rows)
+    c = a["cells"]
+    if not sum(c.values()):
+        return []
+    fmt = lambda x: "n/a" if x is None else f"{x:.2f}"  # noqa: E731
+    return ["## Verdict vs held-out accuracy", "",
+            f"Held-out accuracy after vs before training: fell (after < before), flat, gained (≥ {GAIN * 100:.0f} points). "
+            "Unhealthy = any outcome but Stable.", "",
+            "| held-out | unhealthy | healthy |", "|---|---|---|",
+            f"| fell | {c['fell/unhealthy']} | {c['fell/healthy']} (miss) |",
+            f"| flat | {c['flat/unhealthy']} | {c['flat/healthy']} |",
+            f"| gained ≥ {GAIN * 100:.0f} | {c['gained/unhealthy']} (false alarm) | {c['gained/healthy']} |", "",
+            f"- precision of 'unhealthy' for 'fell': {fmt(a['precision'])}; recall: {fmt(a['recall'])}",
+            f"- misses: {', '.join(a['misses']) or 'none'}; false alarms: {', '.join(a['false_alarms']) or 'none'}", ""]
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
     header = list(dict.fromkeys(k for row in rows for k in row))
-    csv_path, md_path = spec.out / "summary.csv", spec.out / "summary.md"
-    with open(csv_path, "w", newline="", encoding="utf-8") as f:
+    with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         writer.writerows([[_cell(row.get(k)) for k in header] for row in rows])
+
+
+def _md_table(rows: list[dict]) -> list[str]:
+    header = list(dict.fromkeys(k for row in rows for k in row))
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [str(_cell(row.get(k))).replace("|", "\\|").replace("\n", " ") for k in header]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_summary(spec: SweepSpec, study=None) -> tuple[Path, Path]:
+    """SWEEP_DIR/summary.csv and summary.md (same columns; the Markdown adds the outcome counts and the
+    verdict-vs-held-out agreement). With `seeds`, summary.csv has one row per setting and runs.csv one per run."""
+    rows = summary_rows(spec, study)
+    csv_path, md_path = spec.out / "summary.csv", spec.out / "summary.md"
+    settings = setting_rows(spec, rows) if spec.seeds else []
+    if settings:
+        _write_csv(csv_path, settings)
+        _write_csv(spec.out / "runs.csv", rows)
+    else:
+        _write_csv(csv_path, rows)
     counts = collections.Counter(row["outcome"] for row in rows)
     common = ", ".join(f"`{k}={override_text(v)}`" for k, v in spec.overrides.items()) or "none"
     lines = [f"# Sweep `{spec.name}`", "",
              f"- base config: `{spec.base}`; overrides for every run: {common}",
              f"- metrics are taken at step {spec.summary_step} (a run that ended earlier: at its last step, "
              f"see `steps`); `bad_step` = the step it went bad or was stopped",
-             "- outcomes: " + ", ".join(f"{n} {o}" for o, n in counts.items()), "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        cells = [str(_cell(row.get(k))).replace("|", "\\|").replace("\n", " ") for k in header]
-        lines.append("| " + " | ".join(cells) + " |")
+             "- outcomes: " + ", ".join(f"{n} {o}" for o, n in counts.items()), ""]
+    if settings:
+        lines += [f"## Per setting, over seeds {', '.join(map(str, spec.seeds))}", "",
+                  "Outcome counts; `bad_step_median` = median first-bad step of the seeds that went bad; "
+                  "held-out accuracy = mean over seeds, `_se` = standard error (sd / sqrt(n)).", ""]
+        brief = [{k: v for k, v in row.items() if not re.search(r"_s\d+$", k)} for row in settings]
+        lines += _md_table(brief) + ["", "## Per run", ""]
+    lines += _md_table(rows) + [""] + agreement_lines(rows)
     md_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return md_path, csv_path
 
@@ -776,9 +943,12 @@ def sweep_main(argv: list[str]) -> int:
     p.add_argument("--out", help="sweep directory (default: the file's `out`, else runs/sweep-<name>)")
     p.add_argument("--n-jobs", type=int, help="runs at a time (default: the file's n_jobs)")
     p.add_argument("--dry-run", action="store_true", help="print the runs and their commands, start nothing")
+    p.add_argument("--seeds", help="run every listed / grid run once per seed (trainer.seed), e.g. 1,2,3; "
+                                   "replaces the file's `seeds`")
     args = p.parse_intermixed_args(argv)
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else None
     if args.dry_run:
-        spec = load_sweep_spec(args.spec, args.overrides, args.out, args.n_jobs)
+        spec = load_sweep_spec(args.spec, args.overrides, args.out, args.n_jobs, seeds)
         for run in spec.runs:
             print(f"{'finished' if _finished(spec, run) else 'to run  '}  {run.name}: keel train {spec.base} "
                   + " ".join(spec.run_overrides(run)))
@@ -791,7 +961,7 @@ def sweep_main(argv: list[str]) -> int:
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        out = run_sweep(args.spec, args.out, args.n_jobs, args.overrides)
+        out = run_sweep(args.spec, args.out, args.n_jobs, args.overrides, seeds=seeds)
     except KeyboardInterrupt:
         print("keel: sweep interrupted; re-run the same command to resume", file=sys.stderr)
         return 130

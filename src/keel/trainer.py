@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import yaml
 
-from keel import actor, algorithms, checkpoint, metrics, rollout
+from keel import actor, algorithms, checkpoint, distributed, metrics, rollout
 from keel.config import EMBEDDED, KeelConfig, to_dict
 from keel.control import make_controller
 from keel.distributed import Dist, init_from_env
@@ -35,8 +35,9 @@ from keel.errors import KeelError
 from keel.evaluate import evaluate
 from keel.modeling import LeanForward, build_embedded, count_parameters, load_model_and_tokenizer
 from keel.monitor import Monitor, load_rules
+from keel.nonfinite import LastFinite, weights_finite
 from keel.rewards import build_reward
-from keel.tasks import DATA_SOURCE, TASK_ALPHABET, split_problems
+from keel.tasks import TASK_ALPHABET, split_problems
 from keel.tracking import Tracker, flatten
 
 
@@ -78,7 +79,7 @@ def load_policy(cfg: KeelConfig, device: torch.device) -> Policy:
 
 
 def embedded_rows(problems) -> list[PromptRow]:
-    return [PromptRow(p.prompt, str(p.answer), DATA_SOURCE, {}, {}) for p in problems]
+    return [PromptRow(p.prompt, str(p.answer), p.data_source, {}, {}) for p in problems]
 
 
 def load_prompts(cfg: KeelConfig, tokenizer) -> tuple[list, list, list, list, dict]:
@@ -110,6 +111,8 @@ def load_prompts(cfg: KeelConfig, tokenizer) -> tuple[list, list, list, list, di
 
 def make_run_dir(cfg: KeelConfig) -> Path:
     t = cfg.trainer
+    if t.run_dir and Path(t.run_dir).exists() and not Path(t.run_dir).is_dir():
+        raise KeelError(f"config key 'trainer.run_dir' ('{t.run_dir}') is an existing file, not a directory")
     if t.run_dir:
         return Path(t.run_dir)
     root = Path(t.default_local_dir)
@@ -201,6 +204,43 @@ def config_changes(saved_path: Path, cfg: KeelConfig) -> list[str]:
             for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
 
 
+def check_resumed_state(saved: dict, ckpt: checkpoint.Checkpoint, controller=None) -> dict:
+    """The trainer section of a checkpoint's state.json, its contents checked (a hash only proves it is unchanged
+    since the manifest was written, not that it is a state this trainer wrote)."""
+    where = f"checkpoint {ckpt.path}: state.json"
+    if not isinstance(saved, dict) or not all(isinstance(saved.get(k), dict) for k in ("trainer", "controller", "monitor")):
+        raise KeelError(f"{where} must hold 'trainer', 'controller' and 'monitor' objects; was it edited?")
+    st = saved["trainer"]
+
+    def count(key: str, low: int = 0) -> bool:
+        v = st.get(key, 0)
+        return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+    if st.get("step") != ckpt.step or not count("step"):
+        raise KeelError(f"{where} 'trainer.step' is {st.get('step')!r} but the checkpoint is of step {ckpt.step}; "
+                        "was it edited?")
+    for key in ("nonfinite_skips", "nonfinite_in_row", "rollbacks"):
+        if not count(key):
+            raise KeelError(f"{where} 'trainer.{key}' must be an integer >= 0, got {st.get(key)!r}; was it edited?")
+    good = st.get("last_good_ckpt_step")
+    if good is not None and not (isinstance(good, int) and not isinstance(good, bool) and 0 <= good <= ckpt.step):
+        raise KeelError(f"{where} 'trainer.last_good_ckpt_step' must be null or a step <= {ckpt.step}, got {good!r}")
+    before = st.get("eval_before")
+    if before is not None and not isinstance(before, dict):
+        raise KeelError(f"{where} 'trainer.eval_before' must be null or an object, got {before!r}; was it edited?")
+    current = vars(controller) if controller is not None else {}
+    for key, value in saved["controller"].items():  # numbers stay finite numbers (coefficients, integrators)
+        if isinstance(current.get(key), (int, float)) and not isinstance(current.get(key), bool) and not (
+                isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)):
+            raise KeelError(f"{where} 'controller.{key}' must be a finite number, got {value!r}; was it edited?")
+    mon = saved["monitor"]
+    verdicts = ("good", "watch", "bad")
+    if mon.get("overall", "good") not in verdicts or not all(v in verdicts for v in (mon.get("prev") or {}).values()) \
+            or not all(isinstance(v, int) and v >= 0 for v in (mon.get("streak") or {}).values()):
+        raise KeelError(f"{where} 'monitor' holds verdicts other than good/watch/bad or negative streaks; was it edited?")
+    return st
+
+
 def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
     a, r, t = cfg.actor, cfg.rollout, cfg.trainer
     set_threads(t.num_threads)
@@ -216,9 +256,27 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
         raise KeelError(f"config key 'data.train_batch_size' ({B}) exceeds the {len(train_rows)} training prompts")
     controller = make_controller(cfg.control, a.entropy_coeff, a.kl_loss_coef if a.use_kl_loss else 0.0)
     # the reference policy is only needed if a KL term can ever be non-zero
-    needs_ref = a.use_kl_loss and (a.kl_loss_coef > 0 or cfg.control.type == "band" or cfg.monitor.action == "rollback")
+    needs_ref = a.use_kl_loss and (a.kl_loss_coef > 0 or cfg.control.type in ("band", "dual") or cfg.monitor.action == "rollback")
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if needs_ref else None
     ref_lean = LeanForward(ref_model) if (ref_model is not None and lean is not None) else None
+    # FSDP2 keeps shards only: the sampler, evaluation and saving use a plain copy refreshed from them
+    sharded = d.enabled and a.strategy == "fsdp2"
+    plain_copy = distributed.PlainCopy(model, LeanForward if lean is not None else None) if sharded else None
+    if sharded and (t.resume == "auto" or cfg.monitor.action == "rollback"):
+        raise KeelError("trainer.resume=auto and monitor.action=rollback load checkpoints, which strategy fsdp2 "
+                        "does not do yet (set actor_rollout_ref.actor.strategy=ddp)")
+
+    def whole() -> tuple:
+        """(model, lean) with whole weights (FSDP2: the refreshed plain copy; every rank calls this)."""
+        return plain_copy.refresh(model) if plain_copy is not None else (model, lean)
+
+    if lean is not None:  # the training forward as a module, under the data-parallel engine (after the ref copy)
+        actor.train_module(lean).checkpointing = cfg.model.enable_gradient_checkpointing
+        lean.module = distributed.wrap(lean.module, a.strategy, d,
+                                       offload=a.fsdp_config.param_offload or a.fsdp_config.optimizer_offload)
+    elif d.enabled:
+        raise KeelError(f"model type {model.config.model_type!r}: data-parallel training needs the lean forward "
+                        "(Llama-family models)")
     # fused: one kernel for all parameters (20.5M: optimizer step 103 -> 26 ms on one CPU thread)
     optimizer = torch.optim.AdamW(model.parameters(), lr=a.optim.lr, weight_decay=a.optim.weight_decay,
                                   betas=tuple(a.optim.betas), fused=True)
@@ -228,31 +286,37 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
                                 a.clip_ratio_high if a.clip_ratio_high is not None else a.clip_ratio,
                                 a.clip_ratio_c, a.loss_agg_mode, a.entropy_coeff, a.kl_loss_coef, a.kl_loss_type,
                                 ref_model is not None, r.temperature, a.entropy_chunk_size,
-                                norm_len=a.loss_scale_factor or cfg.data.max_response_length)
+                                norm_len=a.loss_scale_factor or cfg.data.max_response_length,
+                                policy_loss=a.policy_loss)
     algorithms.get_loss_agg_mode(a.loss_agg_mode), algorithms.get_kl_type(a.kl_loss_type)  # fail early on bad names
+    algorithms.get_policy_loss(a.policy_loss.loss_mode)
     adv_fn = algorithms.get_adv_estimator(cfg.algorithm.adv_estimator)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.model.dtype == "bfloat16")
 
     run_dir = Path(d.broadcast(str(make_run_dir(cfg))))
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    d.barrier()
     vllm_engine = None
-    if r.name == "vllm":  # built before a resume: the engine reseeds the global RNGs at start-up
-        import tempfile
+    if r.name == "vllm":  # built before a resume (the engine reseeds the global RNGs at start-up) and before
+        import tempfile  # the run directory is made (a failed start leaves nothing behind)
 
         from keel.rollout_vllm import VLLMRollout
 
         with tempfile.TemporaryDirectory() as scratch:  # vLLM reads the directory only at start-up
             vllm_engine = VLLMRollout.for_policy(model, tok, cfg, scratch)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    d.barrier()
     state = {"step": 0, "nonfinite_skips": 0, "nonfinite_in_row": 0, "rollbacks": 0, "eval_before": None,
              "last_good_ckpt_step": None}
     resumed = checkpoint.find_latest(run_dir) if t.resume == "auto" else None
     if resumed is not None:
         saved = checkpoint.load_checkpoint(resumed, model, optimizer)
-        state.update(saved["trainer"])
-        controller.load_state_dict(saved["controller"])
-        monitor.load_state_dict(saved["monitor"])
+        state.update(check_resumed_state(saved, resumed, controller))
+        try:
+            controller.load_state_dict(saved["controller"])
+            monitor.load_state_dict(saved["monitor"])
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+            raise KeelError(f"checkpoint {resumed.path}: state.json holds no valid controller/monitor state "
+                            f"({type(e).__name__}: {e}); was it edited?") from None
         log(f"resumed from {resumed.path} (step {state['step']})")
         changed = config_changes(run_dir / "config.yaml", cfg)
         if changed:  # allowed (e.g. more steps, another logger), but the replay is then no longer the same run
@@ -281,17 +345,23 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
 
     def held_out_accuracy() -> dict:
         result = None
+        m, m_lean = whole()
         if main:  # rank 0 evaluates; the others wait for its answer
-            with autocast:
-                result = evaluate(model, lean, tok, val_ids, val_rows, reward_fn, k=val_n,
-                                  max_new_tokens=cfg.data.max_response_length, temperature=val_temperature,
-                                  top_p=val_top_p, seed=t.seed + 7)
+            try:
+                with autocast:
+                    result = evaluate(m, m_lean, tok, val_ids, val_rows, reward_fn, k=val_n,
+                                      max_new_tokens=cfg.data.max_response_length, temperature=val_temperature,
+                                      top_p=val_top_p, seed=t.seed + 7)
+            except rollout.NonFiniteLogits:
+                raise KeelError(f"model '{cfg.model.path}' gives non-finite logits (NaN/inf) on the held-out "
+                                "prompts: its weights are broken") from None
         return d.broadcast(result)
 
     def save(step: int, extra: dict | None = None) -> Path:
         st = {"trainer": dict(state), "controller": controller.state_dict(), "monitor": monitor.state_dict(),
               **(extra or {})}
-        path = checkpoint.save_checkpoint(run_dir, step, model, optimizer, st, keep=t.max_ckpt_to_keep) if main else None
+        m, opt = whole()[0], (distributed.FullOptimizer(optimizer) if plain_copy is not None else optimizer)
+        path = checkpoint.save_checkpoint(run_dir, step, m, opt, st, keep=t.max_ckpt_to_keep) if main else None
         d.barrier()
         return path
 
@@ -301,6 +371,7 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
 
     bar = _progress(main and progress and "console" in t.logger, t.total_training_steps, state["step"])
     stopped, exit_code = None, 0
+    last_finite = LastFinite(model, optimizer)  # weights + optimizer state before the latest update (keel.nonfinite)
     model.train()
     try:
         for step in range(state["step"] + 1, t.total_training_steps + 1):
@@ -315,17 +386,40 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
             g_start, g_end = d.shard(B)
             idx = step_prompts(len(train_rows), B, t.seed, step)[g_start:g_end]
             batch_rows = [train_rows[i] for i in idx]
+            m, m_lean = whole()
             if vllm_engine is not None:  # push this step's weights, then sample in the engine
-                vllm_engine.update_weights(model)
+                vllm_engine.update_weights(m)
                 out = vllm_engine.generate([train_ids[i] for i in idx], G, cfg.data.max_response_length,
                                            r.temperature, r.top_p, seed=t.seed * 1_000_003 + step + 7_919 * d.rank)
             else:
-                model.eval()
-                with autocast:
-                    out = rollout.generate(model, [train_ids[i] for i in idx], G, cfg.data.max_response_length,
-                                           r.temperature, r.top_p, tok.eos_token_id, tok.pad_token_id, gen,
-                                           lean=lean)
-                model.train()
+                m.eval()
+                try:
+                    with autocast:
+                        out = rollout.generate(m, [train_ids[i] for i in idx], G, cfg.data.max_response_length,
+                                               r.temperature, r.top_p, tok.eos_token_id, tok.pad_token_id, gen,
+                                               lean=m_lean)
+                except rollout.NonFiniteLogits:  # the last update broke the weights with finite numbers
+                    if not last_finite.taken:
+                        raise KeelError(f"model '{cfg.model.path}' gives non-finite logits (NaN/inf) before any "
+                                        "update of this run: its weights are broken") from None
+                    last_finite.restore()  # back to the weights before that update; it counts as non-finite
+                    state["nonfinite_skips"] = last_finite.counters["nonfinite_skips"] + last_finite.counters["updates"]
+                    state["nonfinite_in_row"] = last_finite.counters["nonfinite_in_row"] + last_finite.counters["updates"]
+                    log(f"step {step}: non-finite logits in sampling; restored the weights before step {step - 1}'s "
+                        f"update ({state['nonfinite_in_row']} non-finite updates in a row)")
+                    if state["nonfinite_in_row"] >= t.max_nonfinite_in_row:
+                        m.train()
+                        stopped = (f"{state['nonfinite_in_row']} non-finite updates in a row at step {step - 1} "
+                                   "(non-finite logits in sampling)")
+                        exit_code = 4
+                        break
+                    m, m_lean = whole()
+                    gen = torch.Generator().manual_seed(t.seed * 1_000_003 + step + 7_919 * d.rank)
+                    with autocast:  # the restored weights sampled finite logits before: sample this step with them
+                        out = rollout.generate(m, [train_ids[i] for i in idx], G, cfg.data.max_response_length,
+                                               r.temperature, r.top_p, tok.eos_token_id, tok.pad_token_id, gen,
+                                               lean=m_lean)
+                m.train()
             timing["timing_s/gen"] = time.perf_counter() - t0
             checkpoint.fault_point("gen", step)  # testing aid (KEEL_FAULT_INJECT), inert otherwise
 
@@ -347,22 +441,32 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
             on_policy = a.ppo_epochs == 1 and n_mini == 1  # old log-probs == current ones
             t0 = time.perf_counter()
             with autocast:
-                old_logp = None if on_policy else actor.compute_logprobs(model, lean, packed, r.temperature,
-                                                                         a.entropy_chunk_size)[0]
+                old_logp = None if on_policy else actor.compute_logprobs(
+                    model, lean, packed, r.temperature, a.entropy_chunk_size,
+                    *_rows_tokens(cfg.actor_rollout_ref.log_prob_batching("rollout")))[0]
             timing["timing_s/old_log_prob"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             with autocast:
-                ref_logp = (actor.compute_logprobs(ref_model, ref_lean, packed, r.temperature, a.entropy_chunk_size)[0]
+                ref_logp = (actor.compute_logprobs(ref_model, ref_lean, packed, r.temperature, a.entropy_chunk_size,
+                                                   *_rows_tokens(cfg.actor_rollout_ref.log_prob_batching("ref")))[0]
                             if ref_model is not None and kl_coef > 0 else None)
             timing["timing_s/ref"] = time.perf_counter() - t0
 
             # ---- 5. update: ppo_epochs x mini-batches of whole groups
             t0 = time.perf_counter()
+            last_finite.take({"nonfinite_skips": state["nonfinite_skips"], "nonfinite_in_row": state["nonfinite_in_row"],
+                              "updates": a.ppo_epochs * (B // a.ppo_mini_batch_size)})
             update_metrics, finite_flags = ppo_update(
                 model, lean, optimizer, packed, advantages.to(device), old_logp, ref_logp, loss_cfg,
                 group_ids=list(range(g_start, g_end)), n_groups=B, group_size=G,
                 mini_batch_groups=a.ppo_mini_batch_size, ppo_epochs=a.ppo_epochs, seed=(t.seed, step),
-                lr=_lr(a.optim, step), grad_clip=a.grad_clip, d=d, autocast=autocast)
+                lr=_lr(a.optim, step), grad_clip=a.grad_clip, d=d, autocast=autocast,
+                micro_batch_size=cfg.actor_rollout_ref.update_batching()[0],
+                max_token_len=cfg.actor_rollout_ref.update_batching()[1])
+            if not d.all_true(weights_finite(model)):  # finite gradients, yet the step made weights NaN/inf
+                last_finite.restore()
+                finite_flags = [False] * len(finite_flags)
+                update_metrics.pop("actor/grad_norm", None)
             for ok in finite_flags:  # a NaN/inf update was skipped: count it; K in a row stops the run
                 state["nonfinite_skips"] += 0 if ok else 1
                 state["nonfinite_in_row"] = 0 if ok else state["nonfinite_in_row"] + 1
@@ -384,8 +488,8 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
             step_metrics = {k: _finite_mean(v) for k, v in update_metrics.items()}
             if algorithms.agg_count(packed.mask[:1], a.loss_agg_mode) is None and step_metrics.get("actor/entropy"):
                 # seq-mean-token-sum-norm is a sum over rows: the whole batch's is the sum of its mini-batches'
-                # (and ranks'), which is what verl logs as actor/entropy
-                step_metrics["actor/entropy"] *= n_mini * d.world
+                # (each already summed over micro-batches and ranks), which is what verl logs as actor/entropy
+                step_metrics["actor/entropy"] *= n_mini
             step_metrics.update(metrics.response_metrics(texts, scores, out.response_lengths,
                                                          cfg.data.max_response_length, G))
             step_metrics.update(metrics.regularizer_balance(step_metrics.get("actor/entropy"),
@@ -405,7 +509,7 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
             step_metrics = d.broadcast(step_metrics)  # every rank judges rank 0's numbers: same decisions
             verdict = monitor.observe(step, step_metrics)
             step_metrics.update(monitor.metrics(verdict))
-            controller.update(step, step_metrics.get("actor/entropy"))
+            controller.update(step, step_metrics.get("actor/entropy"), step_metrics.get("actor/kl_loss"))
             # the smoothing and prediction are of this step's entropy: log them with this step, not the next
             step_metrics.update({k: v for k, v in controller.metrics().items()
                                  if k in ("control/entropy_smoothed", "control/entropy_predicted")})
@@ -466,8 +570,9 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
                                                   "reason": stopped}])
     if stopped:
         log(f"run stopped at step {state['step']}: {stopped}")
+    m = whole()[0]
     if main:
-        checkpoint.save_hf_model(model, tok, run_dir / "model")
+        checkpoint.save_hf_model(m, tok, run_dir / "model")
     after = held_out_accuracy()
     result = {"heldout_accuracy_before": (state["eval_before"] or {}).get(val_key),
               "heldout_accuracy_after": after[val_key], "n_heldout": after["n"],
@@ -483,49 +588,62 @@ def ppo_update(model, lean, optimizer, packed: actor.Packed, advantages: torch.T
                old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None, loss_cfg: actor.LossConfig, *,
                group_ids: list[int], n_groups: int, group_size: int, mini_batch_groups: int, ppo_epochs: int,
                seed: tuple[int, int], lr: float, grad_clip: float, d: Dist | None = None,
-               autocast=None) -> tuple[dict[str, list[float]], list[bool]]:
+               autocast=None, micro_batch_size: int = 0,
+               max_token_len: int = 0) -> tuple[dict[str, list[float]], list[bool]]:
     """ppo_epochs x mini-batches of whole groups over this process's rows; returns (metrics, finite per update).
 
     `packed`/`advantages`/`old_logp`/`ref_logp` hold this rank's rows: groups `group_ids` of the step's
     n_groups, G rows each. Mini-batch m of an epoch is the same set of global groups on every rank; each
-    rank takes its members, scales its aggregated loss by local/global count and gradients are summed, so
-    any number of ranks computes exactly the single-process gradient (see keel.distributed).
+    rank runs its members as micro-batches (micro_batch_size rows, or max_token_len tokens, each; 0 = all
+    at once) and each micro-batch's loss is its exact share of the mini-batch loss, so any number of ranks
+    and micro-batches computes the single-pass gradient (see keel.actor.Placement, keel.distributed).
     """
     d = d or Dist()
     autocast = autocast or contextlib.nullcontext()
     step = seed[1]
+    module = actor.train_module(lean) if lean is not None else model
+    if d.enabled and module is model:
+        raise KeelError("data-parallel training needs the lean forward (Llama-family models)")
+    sync = distributed.grad_sync(module)
     position = {g: i for i, g in enumerate(group_ids)}  # global group -> local group index
     metrics_out: dict[str, list[float]] = {}
     finite_flags: list[bool] = []
     for epoch in range(ppo_epochs):
         order = np.random.default_rng([*seed, epoch]).permutation(n_groups)
         for m in range(n_groups // mini_batch_groups):
-            groups = [position[g] for g in order[m * mini_batch_groups : (m + 1) * mini_batch_groups] if g in position]
-            rows = (torch.tensor(groups, dtype=torch.long)[:, None] * group_size + torch.arange(group_size)).flatten()
+            chosen = order[m * mini_batch_groups : (m + 1) * mini_batch_groups]
+            mine = [(slot, position[g]) for slot, g in enumerate(chosen) if g in position]
+            span = torch.arange(group_size)
+            rows = torch.cat([g * group_size + span for _, g in mine]) if mine else torch.zeros(0, dtype=torch.long)
             optimizer.zero_grad(set_to_none=True)
-            lm: dict[str, float] = {}
-            finite = True
-            loss, local = None, 0.0
-            if len(rows):
-                mb = packed.select(rows)
-                with autocast:
-                    loss, lm, _ = actor.grpo_loss(model, lean, mb, advantages[rows],
-                                                  None if old_logp is None else old_logp[rows],
-                                                  None if ref_logp is None else ref_logp[rows], loss_cfg)
-                if checkpoint.fault_point("loss", step):  # testing aid: a NaN loss
-                    loss = loss * float("nan")
-                local = algorithms.agg_count(mb.mask, loss_cfg.loss_agg_mode)  # None: a sum, no rescaling
-                finite = bool(torch.isfinite(loss))
-            total = d.sum(local or 0.0)  # collectives run on every rank, rows or not
+            mb = packed.select(rows) if len(rows) else None
+            micro = actor.micro_batches(mb, micro_batch_size, max_token_len) if mb is not None else []
+            n_micro = d.max(len(micro))
+            place_rows = lengths = None
+            if d.enabled or n_micro > 1:  # shares of the whole mini-batch (every rank's rows)
+                place_rows = (torch.cat([slot * group_size + span for slot, _ in mine]) if mine
+                              else torch.zeros(0, dtype=torch.long)).to(packed.mask.device)
+                mine_len = mb.mask.sum(1).long().cpu().tolist() if mb is not None else []
+                lengths = torch.zeros(len(chosen) * group_size, dtype=torch.long)
+                for slots, lens in d.gather((place_rows.cpu().tolist(), mine_len)):
+                    lengths[slots] = torch.tensor(lens, dtype=torch.long)
+                lengths = lengths.to(packed.mask.device)
+            poison = mb is not None and checkpoint.fault_point("loss", step)  # testing aid: a NaN loss
+            lm, finite = actor.backward_mini_batch(
+                model, lean, mb, advantages[rows], None if old_logp is None else old_logp[rows],
+                None if ref_logp is None else ref_logp[rows], loss_cfg, micro=micro, place_rows=place_rows,
+                lengths=lengths, n_micro=n_micro, loss_scale=float(d.world), fallback=packed.select(torch.arange(1)),
+                sync=sync, autocast=autocast, poison=poison)
+            if d.enabled:  # each rank holds its rows' shares: the mini-batch's metrics are their sums
+                parts = d.gather(lm)
+                lm = {k: sum(p.get(k, 0.0) for p in parts) for k in sorted({k for p in parts for k in p})}
             finite = d.all_true(finite)
-            if finite and loss is not None:
-                (loss * (local / total) if d.enabled and local is not None else loss).backward()
             if finite:
-                d.sum_grads(model)
                 if checkpoint.fault_point("grad", step):  # testing aid: a NaN gradient
                     next(p for p in model.parameters() if p.grad is not None).grad.fill_(float("nan"))
                 clip = grad_clip if grad_clip > 0 else float("inf")
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+                grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
                 finite = math.isfinite(grad_norm)
             if finite:
                 for group in optimizer.param_groups:
@@ -539,6 +657,11 @@ def ppo_update(model, lean, optimizer, packed: actor.Packed, advantages: torch.T
             for k, v in lm.items():
                 metrics_out.setdefault(k, []).append(v)
     return metrics_out, finite_flags
+
+
+def _rows_tokens(batching: tuple[int, int]) -> tuple[bool, int, int]:
+    """compute_logprobs' (with_entropy, micro_batch, max_tokens) for a (rows, tokens) batching."""
+    return False, batching[0], batching[1]
 
 
 def _lr(optim_cfg, step: int) -> float:
