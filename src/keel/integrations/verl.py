@@ -134,13 +134,12 @@ def translate_overrides(overrides: list[str]) -> Translation:
         text = text.lstrip("+")
         path, value = parse_override(text)
         key = ".".join(path)
-        if key in DIFFERENT:
+        if key in DIFFERENT and key not in keel_keys():  # a key Keel has (e.g. policy_loss.loss_mode) is Keel's
             why = DIFFERENT[key](key, value)
             if why:
                 raise KeelError(f"verl key '{text}' has a different meaning in Keel: {why}")
-            if key not in keel_keys():
-                ignored.append(key)
-                continue
+            ignored.append(key)
+            continue
         if key in TRANSLATED:  # before Keel's own keys: the value may need converting (warm-up -1)
             TRANSLATED[key](key, value, out)
         elif key in keel_keys():
