@@ -83,6 +83,7 @@ DIFFERENT: dict[str, Callable[[str, Any], str | None]] = {
         "Keel's learning rate is a linear warm-up then constant", lambda v: v == "constant"),
     "actor_rollout_ref.actor.optim.warmup_style": _different(
         "Keel's learning rate is a linear warm-up then constant", lambda v: v == "constant"),
+    # only consulted for keys Keel does not have (Keel's policy-loss registry makes this one Keel's)
     "actor_rollout_ref.actor.policy_loss.loss_mode": _different(
         "Keel's policy loss is verl's 'vanilla' (clipped, dual-clip)", lambda v: v == "vanilla"),
     "trainer.val_only": _different("use `keel eval MODEL_DIR --data FILE` to only validate",
