@@ -71,6 +71,10 @@ def test_bad_verdict_stops_trl_and_keel_monitor_reads_the_run(model_dir, tmp_pat
     summary = json.loads(out.stdout)
     assert (summary["overall"], summary["first_bad_step"], summary["steps"]) == ("bad", 2, 2)
     assert json.loads((tmp_path / "run" / "meta.json").read_text())["stopped_by_health"]["step"] == 2
+    from keel.report import write_report
+
+    report = write_report([str(tmp_path / "run")]).with_suffix(".md").read_text()
+    assert "| response_length/mean | good ≥ 100, bad < 50.0, patience 2 | 6 @2 | bad |" in report
 
 
 def test_floor_controller_sets_the_entropy_coef_trl_uses(model_dir, tmp_path):

@@ -96,6 +96,16 @@ def test_keys_with_a_different_meaning_are_errors(override, message):
             raise
 
 
+def test_a_key_keel_has_takes_effect_even_where_older_keel_differed():
+    # Keel's policy-loss registry: verl's clip_cov is Keel's too, so it passes through (not "different meaning")
+    if "actor_rollout_ref.actor.policy_loss.loss_mode" in keel_keys():
+        cfg, t = load_verl_config(None, ["actor_rollout_ref.actor.policy_loss.loss_mode=clip_cov"], announce=False)
+        assert cfg.actor.policy_loss.loss_mode == "clip_cov" and t.ignored == []
+    else:
+        with pytest.raises(KeelError, match="Keel's policy loss is verl's 'vanilla'"):
+            translate_overrides(["actor_rollout_ref.actor.policy_loss.loss_mode=clip_cov"])
+
+
 def test_unknown_keys_still_get_keels_suggestion():
     t = translate_overrides(["actor_rollout_ref.actor.entropy_coef=0.1", "+ray_kwargs.ray_init.num_cpus=4",
                              "trainer.resume_mode=auto", "actor_rollout_ref.actor.optim.lr_warmup_steps=-1"])

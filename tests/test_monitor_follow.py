@@ -23,28 +23,39 @@ def test_on_bad_runs_once_while_verl_is_still_logging(tmp_path):
     log, rules, out = tmp_path / "verl_run.jsonl", tmp_path / "rules.yaml", tmp_path / "hook.txt"
     rules.write_text(RULES)
     log.write_text("")
+    entropy = ENTROPY + [0.3] * 20  # a long run: 32 steps, bad from step 5 on
     written = []
+    stop = threading.Event()
 
     def verl():  # verl's FileLogger: one line per step, unbuffered
         with open(log, "a") as f:
-            for step, h in enumerate(ENTROPY, 1):
+            for step, h in enumerate(entropy, 1):
+                if stop.is_set():
+                    return
                 f.write(verl_line(step, h))
                 f.flush()
                 written.append(step)
-                time.sleep(0.4)
+                time.sleep(0.3)
 
+    cmd = f'echo "$KEEL_BAD_STEP $KEEL_RULE $KEEL_VERDICT" >> {out}'
+    proc = subprocess.Popen([sys.executable, "-m", "keel", "monitor", str(log), "--follow", "--json", "--interval",
+                             "0.2", "--rules", str(rules), "--on-bad", cmd],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = json.loads(proc.stdout.readline())  # the monitor is up (and has seen no step yet)
+    assert first["steps"] == 0
     writer = threading.Thread(target=verl)
     writer.start()
-    cmd = f'echo "$KEEL_BAD_STEP $KEEL_RULE $KEEL_VERDICT" >> {out}'
-    proc = subprocess.run([sys.executable, "-m", "keel", "monitor", str(log), "--follow", "--json", "--interval", "0.2",
-                           "--rules", str(rules), "--on-bad", cmd], capture_output=True, text=True, timeout=120)
-    done_when_stopped = len(written)
-    writer.join()
-    assert proc.returncode == 3, proc.stderr
+    try:
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        done_when_stopped = len(written)
+        stop.set()
+        writer.join()
+    assert proc.returncode == 3, stderr
     assert out.read_text() == "5 actor/entropy bad\n"  # ran exactly once, with the first bad step
-    assert done_when_stopped < len(ENTROPY)  # it acted while verl was still logging
-    assert "turned bad at step 5" in proc.stderr
-    last = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert 5 <= done_when_stopped < len(entropy)  # it acted while verl was still logging
+    assert "turned bad at step 5" in stderr
+    last = json.loads(stdout.strip().splitlines()[-1])
     assert last["first_bad_step"] == 5 and last["overall"] == "bad"
 
 

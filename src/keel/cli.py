@@ -170,7 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 ("sft", cmd_sft, "supervised warm-start of the embedded model (cached)"),
                                 ("demo", cmd_demo, "warm-start + GRPO on the embedded task")):
         sp = sub.add_parser(name, help=help_text)
-        sp.add_argument("config", nargs="?" if name != "train" else None, help="YAML config")
+        sp.add_argument("config", nargs="?" if name != "train" else None,
+                        help="YAML config" + (" (or leave it out and pass verl's key=value overrides: "
+                                              "docs/integrations.md)" if name == "train" else ""))
         sp.add_argument("overrides", nargs="*", help="dotted key=value overrides")
         if name == "train":
             sp.add_argument("--nproc", type=int, default=0, help="processes for data-parallel training (torchrun)")

@@ -83,6 +83,7 @@ DIFFERENT: dict[str, Callable[[str, Any], str | None]] = {
         "Keel's learning rate is a linear warm-up then constant", lambda v: v == "constant"),
     "actor_rollout_ref.actor.optim.warmup_style": _different(
         "Keel's learning rate is a linear warm-up then constant", lambda v: v == "constant"),
+    # only consulted for keys Keel does not have (Keel's policy-loss registry makes this one Keel's)
     "actor_rollout_ref.actor.policy_loss.loss_mode": _different(
         "Keel's policy loss is verl's 'vanilla' (clipped, dual-clip)", lambda v: v == "vanilla"),
     "trainer.val_only": _different("use `keel eval MODEL_DIR --data FILE` to only validate",
@@ -134,13 +135,12 @@ def translate_overrides(overrides: list[str]) -> Translation:
         text = text.lstrip("+")
         path, value = parse_override(text)
         key = ".".join(path)
-        if key in DIFFERENT:
+        if key in DIFFERENT and key not in keel_keys():  # a key Keel has (e.g. policy_loss.loss_mode) is Keel's
             why = DIFFERENT[key](key, value)
             if why:
                 raise KeelError(f"verl key '{text}' has a different meaning in Keel: {why}")
-            if key not in keel_keys():
-                ignored.append(key)
-                continue
+            ignored.append(key)
+            continue
         if key in TRANSLATED:  # before Keel's own keys: the value may need converting (warm-up -1)
             TRANSLATED[key](key, value, out)
         elif key in keel_keys():
