@@ -458,8 +458,8 @@ def test_eval_reads_aime_style_problem_answer_rows(w, tmp_path, capsys):
      "bad", "actor/entropy is inf (non-finite) since step 2"),
     (['{"step": 1, "actor/entropy": "-inf"}'], "bad", "actor/entropy is '-inf' (non-finite) since step 1"),
     (['{"step": 1, "actor/entropy": "high", "actor/kl_loss": "n/a"}', '{"step": 2, "actor/entropy": null}'],
-     None, "no usable values: the watched metrics (actor/entropy, actor/kl_loss, response_length/pos/mean, "
-           "token/logical_connectives) are missing or not numbers in every step"),
+     None, "no usable values: the watched metrics (actor/entropy, actor/kl_loss, critic/score/mean, "
+           "response_length/pos/mean, token/logical_connectives, val/accuracy) are missing or not numbers in every step"),
 ])
 def test_monitor_never_calls_non_finite_or_unusable_metrics_good(tmp_path, capsys, lines, overall, reason):
     """`keel monitor` on a file whose watched metrics are NaN / Infinity / strings: not GOOD."""
