@@ -173,7 +173,8 @@ def test_logged_entropy_uses_loss_agg_mode(mode):
     lc = actor.LossConfig(0.2, 0.2, 3.0, mode, 0.0, 0.0, "low_var_kl", False, 1.0, 4096, norm_len=10)
     _, metrics, _ = actor.grpo_loss(model, lean, packed, torch.zeros(3), None, None, lc)
     with torch.no_grad():
-        logits = actor.response_logits(model, lean, packed)  # (3, 4, V)
+        logits = model(input_ids=packed.input_ids).logits  # (3, T, V), the Hugging Face forward
+        logits = logits.gather(1, packed.hidden_index[..., None].expand(-1, -1, logits.shape[-1]))  # (3, 4, V)
     _, ent = algorithms.logprobs_and_entropy(logits, packed.labels)  # (3, 4)
     mask = packed.mask
     per_row_sum = (ent * mask).sum(1)  # (3,)

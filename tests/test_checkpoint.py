@@ -40,15 +40,14 @@ def _seed(s: int) -> None:
 
 
 def _tiny(seed: int):
-    """Linear-ReLU-Dropout-Linear + AdamW + warmup LambdaLR: every piece of state matters for the next step."""
+    """Linear-ReLU-Dropout-Linear + AdamW: every piece of state matters for the next step."""
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Dropout(0.25), torch.nn.Linear(8, 1))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / 4))
-    return model, opt, sched
+    return model, opt
 
 
-def _train_tiny(model, opt, sched, n: int) -> None:
+def _train_tiny(model, opt, n: int) -> None:
     # the batch draws from torch, python and numpy RNGs, and dropout draws from torch again
     for _ in range(n):
         x = torch.randn(6, 4) * (1.0 + random.random()) + float(np.random.rand())  # (B, 4)
@@ -57,7 +56,6 @@ def _train_tiny(model, opt, sched, n: int) -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
-        sched.step()
 
 
 def _qwen(seed: int):
@@ -97,32 +95,31 @@ def _dirs(run_dir: Path) -> list[str]:
 
 def test_tiny_resume_is_bit_identical(tmp_path):
     _seed(0)
-    model, opt, sched = _tiny(0)
-    _train_tiny(model, opt, sched, 3)
+    model, opt = _tiny(0)
+    _train_tiny(model, opt, 3)
     state = {"sampler": {"epoch": 0, "index": 3}, "controller": {"beta": 0.02}}
-    path = save_checkpoint(tmp_path, 3, model, opt, state, scheduler=sched)
+    path = save_checkpoint(tmp_path, 3, model, opt, state)
     assert path == tmp_path / "checkpoints" / "step_000003"
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step_000003\n"
-    _train_tiny(model, opt, sched, 2)
+    _train_tiny(model, opt, 2)
     reference = _params(model)
     reference_exp_avg = opt.state[opt.param_groups[0]["params"][0]]["exp_avg"].clone()
 
     _seed(99)  # a different process: other init, other RNG position
-    model2, opt2, sched2 = _tiny(99)
+    model2, opt2 = _tiny(99)
     ckpt = find_latest(tmp_path)
     assert (ckpt.step, ckpt.path, ckpt.skipped) == (3, path, [])
-    assert load_checkpoint(ckpt, model2, opt2, sched2) == state
+    assert load_checkpoint(ckpt, model2, opt2) == state
     assert opt2.param_groups[0]["betas"] == (0.9, 0.95) and isinstance(opt2.param_groups[0]["betas"], tuple)
-    assert sched2.last_epoch == 3 and sched2.get_last_lr() == [1e-2]  # warmup lambda (3+1)/4 = 1.0
-    _train_tiny(model2, opt2, sched2, 2)
+    _train_tiny(model2, opt2, 2)
     _assert_all_equal(_params(model2), reference)
     assert torch.equal(opt2.state[opt2.param_groups[0]["params"][0]]["exp_avg"], reference_exp_avg)
     assert int(opt2.state[opt2.param_groups[0]["params"][0]]["step"]) == 5
 
     # the comparison above is sensitive: without the RNG restore the same 2 steps diverge
-    model3, opt3, sched3 = _tiny(99)
-    load_checkpoint(ckpt, model3, opt3, sched3, restore_rng=False)
-    _train_tiny(model3, opt3, sched3, 2)
+    model3, opt3 = _tiny(99)
+    load_checkpoint(ckpt, model3, opt3, restore_rng=False)
+    _train_tiny(model3, opt3, 2)
     assert not torch.equal(_params(model3)["0.weight"], reference["0.weight"])
 
 
@@ -149,7 +146,7 @@ def test_qwen3_tied_weights_resume_is_bit_identical(tmp_path):
 
 def test_rng_restore_gives_same_draws(tmp_path):
     _seed(5)
-    model, opt, _ = _tiny(5)
+    model, opt = _tiny(5)
     save_checkpoint(tmp_path, 0, model, opt, {})
     first = (torch.rand(4), random.random(), np.random.rand(3), np.random.randn())
     torch.rand(100), random.random(), np.random.rand(7)  # move every generator on
@@ -167,12 +164,12 @@ def test_rng_restore_gives_same_draws(tmp_path):
 
 def _two_checkpoints(run_dir: Path):
     _seed(0)
-    model, opt, sched = _tiny(0)
-    _train_tiny(model, opt, sched, 3)
-    p3 = save_checkpoint(run_dir, 3, model, opt, {"at": 3}, scheduler=sched)
+    model, opt = _tiny(0)
+    _train_tiny(model, opt, 3)
+    p3 = save_checkpoint(run_dir, 3, model, opt, {"at": 3})
     at3 = _params(model)
-    _train_tiny(model, opt, sched, 3)
-    p6 = save_checkpoint(run_dir, 6, model, opt, {"at": 6}, scheduler=sched)
+    _train_tiny(model, opt, 3)
+    p6 = save_checkpoint(run_dir, 6, model, opt, {"at": 6})
     return p3, p6, at3
 
 
@@ -188,8 +185,8 @@ def test_truncated_newest_falls_back_with_message(tmp_path, caplog):
     assert ckpt.step == 3 and ckpt.path == p3 and ckpt.state == {"at": 3}
     assert ckpt.skipped == [msg]
     assert [r.getMessage() for r in caplog.records] == [msg]
-    model, opt, sched = _tiny(7)
-    load_checkpoint(ckpt, model, opt, sched)
+    model, opt = _tiny(7)
+    load_checkpoint(ckpt, model, opt)
     _assert_all_equal(_params(model), at3)
 
 
@@ -238,13 +235,13 @@ def test_tmp_dir_from_crash_is_ignored_then_cleaned(tmp_path):
     (crashed / "model.safetensors").write_bytes(b"\x00" * 10)
     (tmp_path / "checkpoints" / "latest.tmp-99999").write_text("step_000009\n")
     assert find_latest(tmp_path).step == 6
-    model, opt, sched = _tiny(0)
-    save_checkpoint(tmp_path, 7, model, opt, {}, scheduler=sched)
+    model, opt = _tiny(0)
+    save_checkpoint(tmp_path, 7, model, opt, {})
     assert _dirs(tmp_path) == ["latest", "step_000006", "step_000007"]
 
 
 def test_keep_last_k_and_abandoned_timeline(tmp_path):
-    model, opt, _ = _tiny(0)
+    model, opt = _tiny(0)
     for step in range(1, 6):
         save_checkpoint(tmp_path, step, model, opt, {"at": step}, keep=2)
     assert _dirs(tmp_path) == ["latest", "step_000004", "step_000005"]
@@ -265,8 +262,8 @@ def test_keep_last_k_and_abandoned_timeline(tmp_path):
 
 
 def test_nonfinite_values_are_refused_before_writing(tmp_path):
-    model, opt, sched = _tiny(0)
-    _train_tiny(model, opt, sched, 1)
+    model, opt = _tiny(0)
+    _train_tiny(model, opt, 1)
     save_checkpoint(tmp_path, 1, model, opt, {})
     before = _dirs(tmp_path)
 
@@ -291,7 +288,7 @@ def test_nonfinite_values_are_refused_before_writing(tmp_path):
 
 
 def test_mismatched_model_is_a_keel_error(tmp_path):
-    model, opt, _ = _tiny(0)
+    model, opt = _tiny(0)
     path = save_checkpoint(tmp_path, 1, model, opt, {})
     ckpt = open_checkpoint(path)
     other = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Dropout(0.25), torch.nn.Linear(8, 1))
@@ -315,9 +312,9 @@ def test_loading_never_unpickles(tmp_path, monkeypatch):
             assert ast.unparse(node.func.value) not in ("pickle", "np", "numpy")
 
     # dynamic: with every pickle entry point booby-trapped, finding and loading still works
-    model, opt, sched = _tiny(0)
-    _train_tiny(model, opt, sched, 2)
-    save_checkpoint(tmp_path, 2, model, opt, {"a": 1}, scheduler=sched)
+    model, opt = _tiny(0)
+    _train_tiny(model, opt, 2)
+    save_checkpoint(tmp_path, 2, model, opt, {"a": 1})
 
     def trap(*args, **kwargs):
         raise AssertionError("pickle used while loading a checkpoint")
@@ -325,8 +322,8 @@ def test_loading_never_unpickles(tmp_path, monkeypatch):
     monkeypatch.setattr(pickle, "load", trap)
     monkeypatch.setattr(pickle, "loads", trap)
     monkeypatch.setattr(pickle, "Unpickler", trap)
-    model2, opt2, sched2 = _tiny(1)
-    assert load_checkpoint(find_latest(tmp_path), model2, opt2, sched2) == {"a": 1}
+    model2, opt2 = _tiny(1)
+    assert load_checkpoint(find_latest(tmp_path), model2, opt2) == {"a": 1}
     _assert_all_equal(_params(model2), _params(model))
 
 

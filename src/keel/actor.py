@@ -198,27 +198,11 @@ def trim(packed: Packed) -> Packed:
     return Packed(packed.input_ids[:, :T], packed.hidden_index[:, :R], packed.labels[:, :R], packed.mask[:, :R])
 
 
-def response_logits(model, lean: LeanForward | None, packed: Packed) -> torch.Tensor:
-    """(N, R, V) logits at the positions that predict response tokens (zeros where masked)."""
-    if lean is not None:
-        logits, flat = _flat_logits(lean, packed)
-        full = logits.new_zeros(*flat.response_mask.shape, logits.shape[-1])
-        return full.masked_scatter(flat.response_mask[..., None], logits)
-    return _padded_logits(model, packed)
-
-
 def _padded_logits(model, packed: Packed) -> torch.Tensor:
     hidden = model.model(input_ids=packed.input_ids).last_hidden_state  # HF applies the final norm
     idx = packed.hidden_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])  # (N, R, C)
     picked = torch.gather(hidden, 1, idx)
     return model.get_output_embeddings()(picked)
-
-
-def _flat_logits(lean: LeanForward, packed: Packed) -> tuple[torch.Tensor, FlatLayout]:
-    """(K, V) logits of the real response tokens only, and the layout that places them."""
-    flat = flat_layout(packed)
-    hidden = lean.hidden_packed(flat.input_ids, flat.positions, flat.slot_token, flat.token_slot)  # (M, C)
-    return lean._logits(hidden.index_select(0, flat.predictor)), flat
 
 
 def _response_logprobs(model, lean, packed: Packed, temperature: float, chunk: int, with_entropy: bool,

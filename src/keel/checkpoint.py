@@ -9,7 +9,6 @@ Layout of one run's checkpoints::
             model.safetensors       # unique tensors only; tied names recorded in the header metadata
             optimizer.safetensors   # every tensor of optimizer.state_dict(): "state.{param_index}.{name}"
             optimizer.json          # param_groups + the non-tensor per-param state
-            scheduler.json          # lr scheduler state_dict (only if a scheduler was given)
             rng.safetensors         # torch CPU (and CUDA) generator states as uint8 tensors
             rng.json                # python `random` + numpy legacy MT19937 states
             state.json              # the caller's dict: controller, monitor, sampler position, metrics
@@ -281,7 +280,6 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None,
     state: dict,
     keep: int = 2,
-    scheduler=None,
 ) -> Path:
     """Write RUN_DIR/checkpoints/step_{step:06d}/, point `latest` at it, keep the newest `keep`.
 
@@ -310,8 +308,6 @@ def save_checkpoint(
         _check_finite(opt_tensors, "optimizer", refusing)
         files_tensors["optimizer.safetensors"] = (opt_tensors, None)
         files_json["optimizer.json"] = _json_bytes(opt_json, "optimizer state", refusing)
-    if scheduler is not None:
-        files_json["scheduler.json"] = _json_bytes(scheduler.state_dict(), "scheduler state", refusing)
     rng_tensors, rng_json = _capture_rng()
     files_tensors["rng.safetensors"] = (rng_tensors, None)
     files_json["rng.json"] = _json_bytes(rng_json, "rng state", refusing)
@@ -472,10 +468,9 @@ def load_checkpoint(
     ckpt: Checkpoint,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
-    scheduler=None,
     restore_rng: bool = True,
 ) -> dict:
-    """Load weights (and optimizer / scheduler / RNG states) in place; return the saved `state` dict.
+    """Load weights (and optimizer / RNG states) in place; return the saved `state` dict.
 
     Tensors are copied exactly (no dtype conversion: a dtype or shape mismatch is a KeelError), so the
     next optimizer step is bit-identical to the one the original run would have taken.
@@ -512,12 +507,6 @@ def load_checkpoint(
             optimizer.load_state_dict(_join_optimizer(opt_tensors, opt_json, optimizer.param_groups))
         except (ValueError, KeyError, IndexError) as e:
             raise KeelError(f"checkpoint {path}: optimizer state does not fit this optimizer ({e})") from e
-
-    # ---- scheduler ----
-    if scheduler is not None:
-        if not (path / "scheduler.json").is_file():
-            raise KeelError(f"checkpoint {path} has no scheduler state (saved with scheduler=None)")
-        scheduler.load_state_dict(json.loads((path / "scheduler.json").read_bytes()))
 
     # ---- RNG ----
     if restore_rng:

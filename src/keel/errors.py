@@ -13,12 +13,3 @@ EXIT_NONFINITE_STOP = 4  # too many non-finite updates in a row
 
 class KeelError(Exception):
     """A user-facing error: one clear line, exit code 2."""
-
-
-class HealthStop(Exception):
-    """Raised inside the loop when the monitor's verdict is bad and the action is ``stop``."""
-
-    def __init__(self, reason: str, step: int):
-        super().__init__(reason)
-        self.reason = reason
-        self.step = step
