@@ -86,14 +86,14 @@ def test_earliest_problem_names_the_outcome(tmp_path):
 
 
 def test_task_score_regression_is_its_own_outcome(tmp_path):
-    # every proxy healthy, the training score falls 0.6 -> 0.3 at step 6: the embedded score rule (EMA 0.9,
-    # > 0.1 below its best for 10 steps) calls it: k steps after the fall the gap is 0.3 (1 - 0.9^k) > 0.1 from
-    # k = 4 (step 9, 0.3 x 0.3439 = 0.103): bad at step 18
-    run = write_trace(tmp_path / "r", 25)
+    # every proxy healthy, the training score falls 0.6 -> 0.3 at step 6: the embedded score rule (EMA 0.95,
+    # > 0.1 below its best for 15 steps) calls it: k steps after the fall the gap is 0.3 (1 - 0.95^k) > 0.1 from
+    # k = 8 (step 13, 0.3 x 0.3366 = 0.101): bad at step 27
+    run = write_trace(tmp_path / "r", 35)
     with open(run / "metrics.jsonl", "w") as f:
-        for step in range(1, 26):
+        for step in range(1, 36):
             f.write(json.dumps({"step": step, **HEALTHY, "critic/score/mean": 0.6 if step < 6 else 0.3}) + "\n")
-    assert classify_outcome(run, 0, rules="embedded") == ("Regressed", 18)
+    assert classify_outcome(run, 0, rules="embedded") == ("Regressed", 27)
     # held-out accuracy below its first evaluation (val/accuracy every 10 steps) = Regressed at that evaluation
     with open(run / "metrics.jsonl", "w") as f:
         for step in range(1, 31):
