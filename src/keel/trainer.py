@@ -217,7 +217,9 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
     controller = make_controller(cfg.control, a.entropy_coeff, a.kl_loss_coef if a.use_kl_loss else 0.0)
     # the reference policy is only needed if a KL term can ever be non-zero
     needs_ref = a.use_kl_loss and (a.kl_loss_coef > 0 or cfg.control.type == "band" or cfg.monitor.action == "rollback")
-    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if needs_ref else None
+    # frozen: under bf16 autocast its weights are stored in bf16 (half the memory, the same matmul inputs)
+    ref_dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
+    ref_model = copy.deepcopy(model).to(ref_dtype).eval().requires_grad_(False) if needs_ref else None
     ref_lean = LeanForward(ref_model) if (ref_model is not None and lean is not None) else None
     # FSDP2 keeps shards only: the sampler, evaluation and saving use a plain copy refreshed from them
     sharded = d.enabled and a.strategy == "fsdp2"
