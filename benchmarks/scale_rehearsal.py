@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--response-length", type=int, default=1024, help="R: every response is exactly R tokens")
     p.add_argument("--micro-batch", type=int, default=1, help="rows per forward/backward (update and log-probs)")
-    p.add_argument("--prompts", type=int, default=2, help="prompts per step (data.train_batch_size)")
+    p.add_argument("--prompts", type=int, default=1, help="prompts per step (data.train_batch_size)")
     p.add_argument("--group", type=int, default=4, help="completions per prompt (rollout.n)")
     p.add_argument("--mini-batch", type=int, default=1, help="prompts per update (ppo_mini_batch_size)")
     p.add_argument("--threads", type=int, default=1)
@@ -168,9 +168,11 @@ def main(argv=None) -> int:
     packed = actor.pack(out.prompt_ids, out.response_ids, tok.pad_token_id, device)
     advantages = advantages.to(device)
     # ---- 4. old and reference log-probs
-    with phase("old_log_prob"), autocast:
-        old = actor.compute_logprobs(model, lean, packed, r.temperature, a.entropy_chunk_size, False,
-                                     *cfg.actor_rollout_ref.log_prob_batching("rollout"))[0]
+    old = None  # as the trainer: one epoch of one mini-batch is on-policy (old log-probs == current ones)
+    if a.ppo_epochs > 1 or B // a.ppo_mini_batch_size > 1:
+        with phase("old_log_prob"), autocast:
+            old = actor.compute_logprobs(model, lean, packed, r.temperature, a.entropy_chunk_size, False,
+                                         *cfg.actor_rollout_ref.log_prob_batching("rollout"))[0]
     with phase("ref"), autocast:
         ref_logp = actor.compute_logprobs(ref, ref_lean, packed, r.temperature, a.entropy_chunk_size, False,
                                           *cfg.actor_rollout_ref.log_prob_batching("ref"))[0]

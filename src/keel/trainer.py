@@ -372,12 +372,12 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
             with autocast:
                 old_logp = None if on_policy else actor.compute_logprobs(
                     model, lean, packed, r.temperature, a.entropy_chunk_size,
-                    *_rows_tokens(cfg.actor_rollout_ref.log_prob_batching("rollout")))[0]
+                    **_per_forward(cfg.actor_rollout_ref.log_prob_batching("rollout")))[0]
             timing["timing_s/old_log_prob"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             with autocast:
                 ref_logp = (actor.compute_logprobs(ref_model, ref_lean, packed, r.temperature, a.entropy_chunk_size,
-                                                   *_rows_tokens(cfg.actor_rollout_ref.log_prob_batching("ref")))[0]
+                                                   **_per_forward(cfg.actor_rollout_ref.log_prob_batching("ref")))[0]
                             if ref_model is not None and kl_coef > 0 else None)
             timing["timing_s/ref"] = time.perf_counter() - t0
 
@@ -578,9 +578,9 @@ def ppo_update(model, lean, optimizer, packed: actor.Packed, advantages: torch.T
     return metrics_out, finite_flags
 
 
-def _rows_tokens(batching: tuple[int, int]) -> tuple[bool, int, int]:
-    """compute_logprobs' (with_entropy, micro_batch, max_tokens) for a (rows, tokens) batching."""
-    return False, batching[0], batching[1]
+def _per_forward(batching: tuple[int, int]) -> dict[str, int]:
+    """compute_logprobs' micro_batch / max_tokens for a (rows, tokens) batching (0 = unbounded)."""
+    return {"micro_batch": batching[0], "max_tokens": batching[1]}
 
 
 def _lr(optim_cfg, step: int) -> float:
