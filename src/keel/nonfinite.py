@@ -34,6 +34,16 @@ def weights_finite(model: torch.nn.Module) -> bool:
     return all(bool(torch.isfinite(p.sum())) for p in local if p.is_floating_point())
 
 
+def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    """dst[i].copy_(src[i]) for all i: one fused kernel for plain tensors; FSDP2's sharded DTensors have no
+    sharding rule for the fused copy, so they are copied one by one (each shard on its own rank)."""
+    if any(hasattr(t, "to_local") for t in dst):
+        for d, s in zip(dst, src):
+            d.copy_(s)
+    else:
+        torch._foreach_copy_(dst, src)
+
+
 class LastFinite:
     """An in-memory copy of (parameters, optimizer state, trainer counters), restorable in place.
 
@@ -62,14 +72,14 @@ class LastFinite:
         if self._params is None:
             self._params = [p.clone() for p in params]
         else:
-            torch._foreach_copy_(self._params, params)
+            _copy_all(self._params, params)
         entries = self._state_entries()
         live = [self.optimizer.state[p][k] for p, k in entries]
         same_layout = [(id(p), k) for p, k in entries] == [(id(p), k) for p, k in self._entries] and all(
             torch.is_tensor(v) and torch.is_tensor(c) and v.shape == c.shape and v.dtype == c.dtype
             for v, c in zip(live, self._values))
         if same_layout and live:
-            torch._foreach_copy_(self._values, live)
+            _copy_all(self._values, live)
         else:
             self._values = [v.clone() if torch.is_tensor(v) else copy.deepcopy(v) for v in live]
         self._entries = entries
@@ -79,7 +89,7 @@ class LastFinite:
     def restore(self) -> None:
         if self._params is None:
             raise RuntimeError("LastFinite.restore() before take()")
-        torch._foreach_copy_([p.detach() for p in self.model.parameters()], self._params)
+        _copy_all([p.detach() for p in self.model.parameters()], self._params)
         kept = {id(p) for p, _ in self._entries}
         for p in [p for p in self.optimizer.state if id(p) not in kept]:  # state the update created
             del self.optimizer.state[p]
