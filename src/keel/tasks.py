@@ -152,7 +152,9 @@ def solution(problem: Problem, style: str, rng: random.Random, slip_prob: float 
         for i, (t, s) in enumerate(steps):
             part = ("" if i == 0 else "then ") + f"{t}={s}"
             if s >= 10:
-                part += f" carry {s // 10}"
+                # addition keeps its original text, "carry 1" even after a slip to 20 (the warm-start data, and so
+                # make demo's numbers, stay exactly as before); multiplication writes the carry it uses
+                part += " carry 1" if problem.op == "+" else f" carry {s // 10}"
             parts.append(part)
         final = rng.choice(CONNECTIVE_FINALS)
         return " " + ", ".join(parts) + f", {final} the answer is {answer}."
