@@ -10,7 +10,6 @@ from keel.algorithms import (
     AdvantageEstimator,
     KLType,
     LossAggMode,
-    agg_count,
     agg_loss,
     compute_grpo_outcome_advantage,
     compute_policy_loss,
@@ -133,23 +132,6 @@ def test_agg_loss_norm_len_and_bool_mask():
     assert agg_loss(LOSS, MASK.bool(), "seq-mean-token-sum-norm", norm_len=4).item() == pytest.approx(7 / 4)
     # Keel's former per-sequence mean (3 + 4) / (S=2 * L=3) is F = S * L
     assert agg_loss(LOSS, MASK, "seq-mean-token-sum-norm", norm_len=2 * 3).item() == pytest.approx(7 / 6)
-
-
-def test_agg_count_splits_the_batch_like_agg_loss():
-    # token-mean: 3 tokens; seq-mean-*: 2 non-empty rows; sum-norm: None (per-part sums add up)
-    mask3 = torch.cat([MASK, torch.zeros(1, 3, dtype=torch.long)])
-    assert agg_count(mask3, "token-mean") == 3.0
-    assert agg_count(mask3, "seq-mean-token-mean") == 2.0 and agg_count(mask3, "seq-mean-token-sum") == 2.0
-    assert agg_count(mask3, "seq-mean-token-sum-norm") is None
-    for mode in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
-        whole = agg_loss(LOSS, MASK, mode, norm_len=3)
-        parts = [agg_loss(LOSS[i : i + 1], MASK[i : i + 1], mode, norm_len=3) for i in range(2)]
-        counts = [agg_count(MASK[i : i + 1], mode) for i in range(2)]
-        if counts[0] is None:
-            combined = sum(parts)
-        else:
-            combined = sum(p * c / sum(counts) for p, c in zip(parts, counts))
-        assert combined.item() == pytest.approx(whole.item(), abs=1e-6), mode
 
 
 @pytest.mark.parametrize("mode", [m.value for m in LossAggMode])

@@ -159,18 +159,6 @@ def agg_loss(loss_mat: Tensor, loss_mask: Tensor, loss_agg_mode: str, norm_len: 
     return (seq_sum / tokens_per_seq.clamp(min=1.0)).sum() / n_seqs  # SEQ_MEAN_TOKEN_MEAN
 
 
-def agg_count(loss_mask: Tensor, loss_agg_mode: str) -> float | None:
-    """What :func:`agg_loss` averages over: unmasked tokens (token-mean), non-empty rows (seq-mean-*),
-    or None for seq-mean-token-sum-norm, a sum over rows with a constant normaliser.
-
-    Splitting the rows over ranks, rank k's loss times count_k / sum_j count_j sums to the
-    whole-batch loss; with None the per-rank losses already add up to it unscaled."""
-    mode = get_loss_agg_mode(loss_agg_mode)
-    if mode is LossAggMode.SEQ_MEAN_TOKEN_SUM_NORM:
-        return None
-    return float(loss_mask.sum() if mode is LossAggMode.TOKEN_MEAN else (loss_mask.sum(-1) > 0).sum())
-
-
 # --------------------------------------------------------------------------- policy loss
 
 

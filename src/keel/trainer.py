@@ -293,6 +293,9 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
     algorithms.get_loss_agg_mode(a.loss_agg_mode), algorithms.get_kl_type(a.kl_loss_type)  # fail early on bad names
     algorithms.get_policy_loss(a.policy_loss.loss_mode)
     adv_fn = algorithms.get_adv_estimator(cfg.algorithm.adv_estimator)
+    update_rows, update_tokens = cfg.actor_rollout_ref.update_batching()  # per forward/backward; 0 = unbounded
+    # seq-mean-token-sum-norm is a sum over rows, not a mean: its logged entropy is summed over mini-batches below
+    sum_norm = algorithms.get_loss_agg_mode(a.loss_agg_mode) is algorithms.LossAggMode.SEQ_MEAN_TOKEN_SUM_NORM
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.model.dtype == "bfloat16")
 
     run_dir = Path(d.broadcast(str(make_run_dir(cfg))))
@@ -395,12 +398,15 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
                 out = vllm_engine.generate([train_ids[i] for i in idx], G, cfg.data.max_response_length,
                                            r.temperature, r.top_p, seed=t.seed * 1_000_003 + step + 7_919 * d.rank)
             else:
+                def sample(m, m_lean, gen):
+                    with autocast:
+                        return rollout.generate(m, [train_ids[i] for i in idx], G, cfg.data.max_response_length,
+                                                r.temperature, r.top_p, tok.eos_token_id, tok.pad_token_id, gen,
+                                                lean=m_lean)
+
                 m.eval()
                 try:
-                    with autocast:
-                        out = rollout.generate(m, [train_ids[i] for i in idx], G, cfg.data.max_response_length,
-                                               r.temperature, r.top_p, tok.eos_token_id, tok.pad_token_id, gen,
-                                               lean=m_lean)
+                    out = sample(m, m_lean, gen)
                 except rollout.NonFiniteLogits:  # the last update broke the weights with finite numbers
                     if not last_finite.enabled and state["step"] > 0:
                         broken = f"non-finite logits in sampling at step {step} (the update of step {step - 1})"
@@ -421,11 +427,8 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
                         exit_code = 4
                         break
                     m, m_lean = whole()
-                    gen = torch.Generator().manual_seed(t.seed * 1_000_003 + step + 7_919 * d.rank)
-                    with autocast:  # the restored weights sampled finite logits before: sample this step with them
-                        out = rollout.generate(m, [train_ids[i] for i in idx], G, cfg.data.max_response_length,
-                                               r.temperature, r.top_p, tok.eos_token_id, tok.pad_token_id, gen,
-                                               lean=m_lean)
+                    # the restored weights sampled finite logits before: sample this step with them
+                    out = sample(m, m_lean, torch.Generator().manual_seed(gen.initial_seed()))
                 m.train()
             timing["timing_s/gen"] = time.perf_counter() - t0
             checkpoint.fault_point("gen", step)  # testing aid (KEEL_FAULT_INJECT), inert otherwise
@@ -468,8 +471,7 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
                 group_ids=list(range(g_start, g_end)), n_groups=B, group_size=G,
                 mini_batch_groups=a.ppo_mini_batch_size, ppo_epochs=a.ppo_epochs, seed=(t.seed, step),
                 lr=_lr(a.optim, step), grad_clip=a.grad_clip, d=d, autocast=autocast,
-                micro_batch_size=cfg.actor_rollout_ref.update_batching()[0],
-                max_token_len=cfg.actor_rollout_ref.update_batching()[1])
+                micro_batch_size=update_rows, max_token_len=update_tokens)
             if not d.all_true(weights_finite(model)):  # finite gradients, yet the step made weights NaN/inf
                 if not last_finite.enabled:
                     broken = f"the update of step {step} made the weights non-finite"
@@ -496,7 +498,7 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
             else:
                 n_tokens = int(packed.mask.sum())
             step_metrics = {k: _finite_mean(v) for k, v in update_metrics.items()}
-            if algorithms.agg_count(packed.mask[:1], a.loss_agg_mode) is None and step_metrics.get("actor/entropy"):
+            if sum_norm and step_metrics.get("actor/entropy"):
                 # seq-mean-token-sum-norm is a sum over rows: the whole batch's is the sum of its mini-batches'
                 # (each already summed over micro-batches and ranks), which is what verl logs as actor/entropy
                 step_metrics["actor/entropy"] *= n_mini
