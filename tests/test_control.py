@@ -251,8 +251,8 @@ def test_shipped_dead_zone_band_holds_the_toy_plant(gain, start_coeff):
 
 
 def dual(ec=0.0, kl=0.0, **kw):
-    cfg = dict(type="dual", ki=0.05, kp=0.3, ema=0.5, horizon=2.0, kl_target=0.1, kl_adapt_gain=1.0, kl_floor=0.001,
-               max_entropy_coeff=1.0, rel_deadband=0.0)
+    cfg = dict(type="dual", ki=0.05, kp=0.3, ema=0.5, horizon=2.0, kl_target=0.1, kl_kp=0.1, kl_ki=0.02, kl_kd=0.1,
+               kl_floor=0.001, max_entropy_coeff=1.0, rel_deadband=0.0)
     return make_controller(ControlConfig(**{**cfg, **kw}), ec, kl)
 
 
@@ -260,31 +260,37 @@ def test_dual_band_is_relative_to_the_first_entropy_and_kl_follows_the_budget():
     c = dual()
     assert c.name is ControllerType.DUAL and c.band() == (None, None) and c.kl_coef == 0.001  # 0 -> kl_floor
     # step 1: H_0 = 0.15 -> band [0.075, 0.225], centre sqrt(0.075 * 0.225) = 0.129904; error log(0.129904 / 0.15)
-    # = -0.143841 < 0 pushes entropy_coeff under 0 (clipped); KL 0 = 100 % under budget: e = -0.2, 0.001 * 0.8 -> floor
+    # = -0.143841 < 0 pushes entropy_coeff under 0 (clipped). KL 0: e = 0 / 0.1 - 1 = -1, I = max(0, -0.02) = 0,
+    # k = clip(0.001 + 0.1 * -1 + 0, 0.001, 1) = the floor
     c.update(1, 0.15, 0.0)
     assert c.band() == pytest.approx((0.075, 0.225)) and c.prev_error == pytest.approx(-0.143841, abs=1e-6)
-    assert c.coefficients() == (0.0, 0.001) and c.kl_error == -0.2
-    c.update(2, 0.15, 0.3)  # KL 3x the budget: e = +0.2 (clipped), k = 0.001 * 1.2
-    assert c.kl_coef == pytest.approx(0.0012)
+    assert c.coefficients() == (0.0, 0.001) and c.kl_error == -1.0 and c.kl_integral == 0.0
+    # KL 3x the budget: e = 2, rise 2 - (-1) = 3, I = 0.04: k = 0.001 + 0.1 * 2 + 0.04 + 0.1 * 3 = 0.541
+    c.update(2, 0.15, 0.3)
+    assert c.kl_coef == pytest.approx(0.541) and c.kl_integral == pytest.approx(0.04)
     # step 3: m = 0.1, slope log(0.1 / 0.15) = -0.405465, p = log 0.1 - 0.810930 = -3.113515; e = -2.040959 + 3.113515
-    # = 1.072556, de = 1.216397: c = 0.05 * 1.072556 + 0.3 * 1.216397 = 0.418547; KL still 0.3: k = 0.00144
+    # = 1.072556, de = 1.216397: c = 0.05 * 1.072556 + 0.3 * 1.216397 = 0.418547. KL still 0.3: no rise, I = 0.08,
+    # k = 0.001 + 0.2 + 0.08 = 0.281
     c.update(3, 0.05, 0.3)
-    assert c.entropy_coeff == pytest.approx(0.418547, abs=2e-6) and c.kl_coef == pytest.approx(0.00144)
+    assert c.entropy_coeff == pytest.approx(0.418547, abs=2e-6) and c.kl_coef == pytest.approx(0.281)
     # step 4: m = 0.3, p = log 0.3 + 2 log 3 = 0.993252 > log 0.225: above the band -> bonus off, and the KL error
-    # is +0.2 whatever the KL (the reference's entropy 0.15 lies below: its pull is downward)
+    # counts as at least 1 whatever the KL (the reference's entropy 0.15 lies below: its pull is downward):
+    # e = max(-1, 1) = 1, I = 0.1, k = 0.001 + 0.1 + 0.1 = 0.201
     c.update(4, 0.5, 0.0)
-    assert c.above and c.coefficients() == (0.0, pytest.approx(0.001728)) and c.kl_error == 0.2
+    assert c.above and c.coefficients() == (0.0, pytest.approx(0.201)) and c.kl_error == 1.0
     m = c.metrics()
     assert m["control/entropy_low"] == pytest.approx(0.075) and m["control/kl_target"] == 0.1
     json.dumps(c.state_dict())
     d = dual()
     d.load_state_dict(json.loads(json.dumps(c.state_dict())))
-    assert d.band() == pytest.approx((0.075, 0.225)) and d.kl_coef == pytest.approx(0.001728)
+    assert d.band() == pytest.approx((0.075, 0.225)) and d.kl_coef == pytest.approx(0.201)
+    assert d.kl_integral == pytest.approx(0.1)
 
 
 def test_dual_kl_coefficient_holds_a_kl_budget_on_a_toy_drift():
     # a toy plant: the policy drifts 0.02 nats/token per step, and the KL term pulls it back in proportion to k
-    # (KL_{t+1} = KL_t + 0.02 - 2 k_t KL_t). With k fixed at 0.001 the KL grows without bound; dual holds it near 0.1
+    # (KL_{t+1} = KL_t + 0.02 - 2 k_t KL_t; holding KL = 0.1 needs k = 0.1). With k fixed at 0.001 the KL grows
+    # without bound; dual's integral finds k = 0.1 and holds the budget
     def run(controller):
         kl, kls = 0.0, []
         for step in range(1, 201):
@@ -295,7 +301,8 @@ def test_dual_kl_coefficient_holds_a_kl_budget_on_a_toy_drift():
     fixed = run(make_controller(ControlConfig(type="fixed"), 0.0, 0.001))
     held = run(dual())
     assert fixed[-1] > 3.0  # 200 steps of drift, barely opposed
-    assert max(held[-50:]) < 0.13 and min(held[-50:]) > 0.07  # within 30 % of the 0.1 budget once settled
+    assert max(held) < 0.15  # the proportional and derivative terms stop the first rise within 50 % of the budget
+    assert max(held[-50:]) < 0.103 and min(held[-50:]) > 0.097  # within 3 % of the 0.1 budget once settled
 
 
 def test_dual_config_checks():
@@ -307,12 +314,19 @@ def test_dual_config_checks():
 
 def test_dual_never_undercuts_the_configured_kl_coefficient_and_leaves_the_band_middle_alone():
     c = make_controller(ControlConfig(type="dual"), 0.01, 0.01)  # defaults: rel_deadband 0.6, kl_target 0.1
-    for step in range(1, 11):  # KL far under budget: Ziegler's two-sided rule would shrink k 20 % a step
+    for step in range(1, 11):  # KL far under budget: e = -1 would take k under the configured 0.01
         c.update(step, 0.15, 0.0)
-    assert c.kl_coef == 0.01 and c.kl_error == -0.2
+    assert c.kl_coef == 0.01 and c.kl_error == -1.0 and c.kl_integral == 0.0
     # 0.15 is inside the dead zone around the centre 0.130 (log distance 0.144 < half-width 0.6 * 0.549 = 0.330)
     assert c.entropy_coeff == pytest.approx(0.01)
-    c.update(11, 0.3, 0.5)  # over budget (and soon above the band): k rises 20 %
-    assert c.kl_coef == pytest.approx(0.012)
+    # a bonus raised near the edge relaxes back toward the configured 0.01 inside the dead zone (entropy_relax 0.9)
+    c.entropy_coeff = 0.05
+    c.update(11, 0.15, 0.0)
+    assert c.entropy_coeff == pytest.approx(0.01 + 0.04 * 0.9)
+    # a KL jump to 5x the budget: e = 4, rise 5, I = 0.08: k = 0.01 + 0.4 + 0.08 + 0.5 = 0.99 at once
+    c.update(12, 0.15, 0.5)
+    assert c.kl_coef == pytest.approx(0.99)
     with pytest.raises(KeelError, match="rel_deadband"):
         load_config(None, ["control.type=dual", "control.rel_deadband=1.0"])
+    with pytest.raises(KeelError, match="kl_kp"):
+        load_config(None, ["control.type=dual", "control.kl_kp=-1"])

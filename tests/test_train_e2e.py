@@ -28,6 +28,10 @@ def test_grpo_raises_heldout_accuracy(sft_model, tmp_path):
     assert ev["heldout_accuracy_after"] >= ev["heldout_accuracy_before"] + 0.08, ev
     assert "held-out accuracy" in out and str(run_dir) in out
     rows = metrics(run_dir)
+    # verl's convention: the held-out accuracy before training is logged at step 0, the final one with the last step
+    assert rows[0] == {"step": 0, "val/accuracy": ev["heldout_accuracy_before"]}
+    assert rows[-1]["val/accuracy"] == ev["heldout_accuracy_after"]
+    rows = rows[1:]
     assert [r["step"] for r in rows] == list(range(1, 21))
     for key in ("actor/entropy", "actor/kl_loss", "actor/pg_loss", "actor/pg_clipfrac", "actor/ppo_kl",
                 "actor/grad_norm", "critic/score/mean", "response_length/mean", "timing_s/gen", "timing_s/step"):

@@ -339,12 +339,16 @@ class ControlConfig:
     # dual: share of the band (log scale, around its centre) where the entropy error counts as 0: the wide
     # relative band is a range to stay inside, not a setpoint (0.6 = act only in the outer 20 % at each edge)
     rel_deadband: float = 0.6
-    # dual: the KL budget, nats/token of actor/kl_loss; kl_coef adapts (Ziegler et al. 2019) to hold KL under it:
-    # kl_coef <- clip(kl_coef * (1 + kl_adapt_gain * clip(KL / kl_target - 1, -0.2, 0.2)), kl_floor, max_kl_coef)
+    # dual: inside the entropy dead zone entropy_coeff relaxes toward the configured value by this factor per step
+    entropy_relax: float = 0.9
+    # dual: the KL budget, nats/token of actor/kl_loss, held by a PID Lagrangian multiplier on e = KL / kl_target - 1:
+    # kl_coef = clip(k_base + kl_kp * e + I + kl_kd * max(0, e - e_prev), k_base, max_kl_coef),  I += kl_ki * e (I >= 0)
     kl_target: float = 0.1
-    kl_adapt_gain: float = 1.0
+    kl_kp: float = 0.1
+    kl_ki: float = 0.02
+    kl_kd: float = 0.1
     # dual: the smallest kl_coef; the configured kl_loss_coef is never undercut (a budget is a ceiling on the KL,
-    # so the anchor is only ever raised above the user's), and kl_floor lets a multiplicative rule grow from 0
+    # so the anchor is only ever raised above the user's)
     kl_floor: float = 0.001
     # monitor.action=rollback: after a collapse (low) rollback entropy_coeff <- max(2c, c + this)
     rollback_entropy_step: float = 0.05
@@ -649,8 +653,10 @@ def validate(cfg: KeelConfig) -> None:
            f"got {cfg.control.rel_low} / {cfg.control.rel_high}")
     _check(0 <= cfg.control.rel_deadband < 1,
            f"config key 'control.rel_deadband' must be in [0, 1), got {cfg.control.rel_deadband}")
-    _check(cfg.control.kl_target > 0 and cfg.control.kl_floor > 0 and cfg.control.kl_adapt_gain > 0,
-           "config keys 'control.kl_target', 'control.kl_floor' and 'control.kl_adapt_gain' must be > 0")
+    _check(cfg.control.kl_target > 0 and cfg.control.kl_floor >= 0,
+           "config keys 'control.kl_target' must be > 0 and 'control.kl_floor' >= 0")
+    _check(min(cfg.control.kl_kp, cfg.control.kl_ki, cfg.control.kl_kd) >= 0 and 0 <= cfg.control.entropy_relax <= 1,
+           "config keys 'control.kl_kp', 'control.kl_ki', 'control.kl_kd' must be >= 0 and 'control.entropy_relax' in [0, 1]")
     _check(cfg.control.type != "dual" or cfg.actor_rollout_ref.actor.use_kl_loss,
            "config key 'control.type' is dual, which adapts the KL loss: set actor_rollout_ref.actor.use_kl_loss=true")
     _check(cfg.control.low < cfg.control.high, "config keys 'control.low' must be < 'control.high'")

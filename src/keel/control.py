@@ -39,17 +39,21 @@ itself. A controller closes the loop on the measured entropy instead.
 
 * ``dual`` — the lab log's dual regularization closed on both sides, with no task-specific number:
   the band loop above on the band [rel_low, rel_high] x H_0 (H_0 = the first step's entropy, i.e. the
-  reference policy's), and the KL coefficient adapted to hold the KL to the reference under a budget
-  in nats/token (Ziegler et al. 2019, arXiv 1909.08593, applied to the KL loss term)::
+  reference policy's), and the KL coefficient driven by a PID Lagrangian multiplier (Stooke et al. 2020,
+  arXiv 2007.03964) that holds the KL to the reference under a budget in nats/token::
 
-      e_t = clip(KL_t / kl_target - 1, -0.2, 0.2)             (= +0.2 while p_t > log high: the reference's
-                                                                entropy is H_0 < high, so its pull is downward)
-      k_t = clip(k_{t-1} * (1 + kl_adapt_gain * e_t), max(kl_floor, k_base), k_max)
+      e_t = KL_t / kl_target - 1                          (relative excess; >= 1 while p_t > log high: the
+                                                            reference's entropy H_0 < high, so its pull is downward)
+      I_t = clip(I_{t-1} + kl_ki * e_t, 0, k_max)          (integral: slow, and released as slowly)
+      k_t = clip(k_base + kl_kp * e_t + I_t + kl_kd * max(0, e_t - e_{t-1}), k_base, k_max)
 
-  The budget is a ceiling: k never drops under the configured coefficient k_base (Ziegler's rule is
-  two-sided; letting k fall under the user's anchor while the KL is low invited an overshoot). The
-  entropy loop uses the dead zone ``rel_deadband`` (default 0.6): the relative band is a range to
-  stay inside, not a setpoint.
+  The proportional and rising-derivative terms answer a KL jump within one step at a coefficient that
+  matters (a ratio-limited multiplicative rule starting from a small k_base needs ~10 steps to reach
+  one); the integral removes a persistent excess. The budget is a ceiling: k never drops under the
+  configured coefficient k_base (or a rollback's raise). On the entropy side the dead zone
+  ``rel_deadband`` (default 0.6) makes the relative band a range to stay inside, not a setpoint, and
+  inside it ``entropy_coeff`` relaxes back toward the configured value (factor ``entropy_relax`` per
+  step): the bonus is the floor's push near the low edge, not a new resting level.
 
 ``on_rollback(direction)`` is the self-healing hook: after the monitor rolls a run
 back, a collapse ("low") raises the entropy pressure and an over-random or KL-high
@@ -195,7 +199,7 @@ class BandController(Controller):
         width = self._deadband() * 0.5 * (math.log(high) - math.log(low))
         error = math.copysign(max(0.0, abs(error) - width), error)
         if error == 0.0 and width > 0:  # inside the dead zone a bonus no longer needed is released gradually
-            self.entropy_coeff *= c.deadband_decay
+            self._relax_entropy_coeff()
         d_error = 0.0 if self.prev_error is None else error - self.prev_error
         self.entropy_coeff = _clip(self.entropy_coeff + c.ki * error + c.kp * d_error,
                                    c.min_entropy_coeff, c.max_entropy_coeff)
@@ -207,6 +211,9 @@ class BandController(Controller):
 
     def _deadband(self) -> float:
         return self.cfg.deadband
+
+    def _relax_entropy_coeff(self) -> None:
+        self.entropy_coeff *= self.cfg.deadband_decay
 
     def _update_kl(self, kl: float | None) -> None:
         """band: tighten the anchor while above the band (when the reference sits below `high`), else relax it."""
@@ -240,10 +247,16 @@ class DualController(BandController):
 
     def __init__(self, cfg, entropy_coeff, kl_coef):
         super().__init__(cfg, entropy_coeff, max(kl_coef, cfg.kl_floor))
+        self.base_entropy_coeff = entropy_coeff  # where the bonus relaxes to inside the dead zone
         self.kl_error: float | None = None  # e_t, logged
+        self.kl_integral = 0.0  # I_t
 
     def _deadband(self):
         return self.cfg.rel_deadband
+
+    def _relax_entropy_coeff(self):
+        base = self.base_entropy_coeff
+        self.entropy_coeff = base + (self.entropy_coeff - base) * self.cfg.entropy_relax
 
     def band(self):
         h0 = self.first_entropy
@@ -251,15 +264,25 @@ class DualController(BandController):
 
     def _update_kl(self, kl):
         c = self.cfg
-        if self.above:
-            error = 0.2
-        elif kl is not None and math.isfinite(kl):
-            error = _clip(kl / c.kl_target - 1.0, -0.2, 0.2)
+        if kl is not None and math.isfinite(kl):
+            error = kl / c.kl_target - 1.0
+        elif self.above:
+            error = 0.0
         else:
             return
+        if self.above:  # over-random: the reference (entropy H_0 < high) pulls entropy down
+            error = max(error, 1.0)
+        rise = 0.0 if self.kl_error is None else max(0.0, error - self.kl_error)
         self.kl_error = error
-        floor = max(c.kl_floor, self.base_kl_coef)  # never under the configured anchor (or a rollback's raise)
-        self.kl_coef = _clip(self.kl_coef * (1 + c.kl_adapt_gain * error), floor, c.max_kl_coef)
+        self.kl_integral = _clip(self.kl_integral + c.kl_ki * error, 0.0, c.max_kl_coef)
+        base = max(c.kl_floor, self.base_kl_coef)  # never under the configured anchor (or a rollback's raise)
+        self.kl_coef = _clip(base + c.kl_kp * error + self.kl_integral + c.kl_kd * rise, base, c.max_kl_coef)
+
+    def on_rollback(self, direction):
+        super().on_rollback(direction)
+        self.kl_error, self.kl_integral = None, 0.0
+        if direction == "low":
+            self.base_entropy_coeff = self.entropy_coeff  # a collapse raised the resting bonus
 
     def metrics(self):
         m = super().metrics()

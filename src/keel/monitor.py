@@ -76,6 +76,7 @@ class Rule:
     ema: float = 0.8  # score, unless_rising: EMA factor of the smoothed score (0 = raw values)
     unless_rising: str | None = None  # threshold/trend: held at watch while this metric (a task score) is rising
     rise: float = 0.05  # unless_rising: "rising" = its EMA is at least this far above its first value
+    at_end: bool = False  # score: judged only on the run's final evaluation (reference start = its first value)
     ln_vocab: float | None = None  # set when frac_log_vocab bounds were scaled (not a YAML field)
 
     @property
@@ -88,8 +89,8 @@ class Rule:
 _YAML_FIELDS = [f.name for f in fields(Rule) if f.name != "ln_vocab"]
 _TREND_ONLY = {"direction", "window", "change", "with_metric", "with_direction", "with_change", "toward", "horizon", "level"}
 _ONLY = {  # kind -> fields of the other kinds that do not apply to it
-    "threshold": _TREND_ONLY | {"reference", "drop"},
-    "trend": {"good", "bad", "good_from", "reference", "drop"},
+    "threshold": _TREND_ONLY | {"reference", "drop", "at_end"},
+    "trend": {"good", "bad", "good_from", "reference", "drop", "at_end"},
     "score": _TREND_ONLY | {"good", "bad", "good_from", "unless_rising", "rise", "frac_log_vocab"},
 }
 
@@ -130,6 +131,7 @@ _CHECKS = {  # field -> (test, what the value must be); None is allowed for opti
     "with_direction": (lambda x: x in ("falling", "rising"), "falling or rising"),
     "level": (lambda x: x in ("watch", "bad"), "watch or bad"),
     "frac_log_vocab": (lambda x: isinstance(x, bool), "true or false"),
+    "at_end": (lambda x: isinstance(x, bool), "true or false"),
     "from_step": (lambda x: _is_int(x) and x >= 0, "an integer >= 0"),
     "patience": (lambda x: _is_int(x) and x >= 1, "an integer >= 1"),
     "window": (lambda x: _is_int(x) and x >= 3, "an integer >= 3"),
@@ -404,6 +406,8 @@ class Monitor:
         if v is None:  # a sparse metric (val/accuracy every test_freq steps): its last verdict holds
             return self._last.get(rid) or RuleVerdict(None, "good", v)
         ref = self._ref.get(rid)
+        if rule.at_end and rule.reference == "start":  # the first evaluation (before training) is the start
+            ref = self._ema[_ema_key(rule.metric, rule.ema)]["first"]
         ref = m if ref is None else max(ref, m) if rule.reference == "best" else ref
         self._ref[rid] = ref
         gap = ref - m
@@ -424,8 +428,9 @@ class Monitor:
         tr = self._ema[_ema_key(metric, ema)]
         return (tr["first"], tr["m"]) if tr["m"] is not None and tr["m"] - tr["first"] >= rise else None
 
-    def observe(self, step: int, metrics: dict) -> StepVerdict:
-        """Judge one step's metrics (missing / null / NaN values are simply not judged)."""
+    def observe(self, step: int, metrics: dict, at_end: bool = False) -> StepVerdict:
+        """Judge one step's metrics (missing / null / NaN values are simply not judged); ``at_end``: this
+        record holds the run's final evaluation, the only one ``at_end`` rules judge."""
         step = int(step)
         for m, pts in self._history.items():  # a re-observed step (resume, rollback) replaces what followed it
             v = _value(metrics.get(m))
@@ -439,7 +444,7 @@ class Monitor:
         per_rule: dict[str, RuleVerdict] = {}
         for rule in self.rules:
             judge = {"trend": self._trend, "score": self._score}.get(rule.kind, self._threshold)
-            rv = judge(rule, step, _value(metrics.get(rule.metric)))
+            rv = judge(rule, step, None if rule.at_end and not at_end else _value(metrics.get(rule.metric)))
             if rule.unless_rising and rv.effective == "bad" and (up := self._rising(rule.unless_rising, rule.ema, rule.rise)):
                 why = f"{rv.reason}; held at watch: {rule.unless_rising} is rising ({_fmt(up[0])} → {_fmt(up[1])})"
                 rv = replace(rv, effective="watch", reason=why)
@@ -526,6 +531,7 @@ def describe(rule: Rule) -> str:
         ref = "its best" if rule.reference == "best" else "its start"
         text = f"bad {'EMA ' + format(rule.ema, 'g') + ' ' if rule.ema else ''}> {_fmt(rule.drop)} below {ref}"
         text += f", patience {rule.patience}" if rule.patience > 1 else ""
+        text += ", on the final evaluation" if rule.at_end else ""
     if rule.unless_rising:
         text += f", held at watch while {rule.unless_rising} rises ≥ {_fmt(rule.rise)}"
     if rule.from_step:
@@ -577,6 +583,19 @@ def _locate(path: str | Path, allow_missing: bool = False) -> tuple[Path | None,
     raise KeelError(f"'{p}' does not exist (expected a Keel run directory or a JSONL metrics file)")
 
 
+def final_eval_step(run_dir: Path | None) -> int | None:
+    """The step of a finished run's final evaluation (eval.json ``steps``), which ``at_end`` rules judge; None
+    while the run is going or for a bare metrics file."""
+    path = run_dir / "eval.json" if run_dir is not None else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        steps = json.loads(path.read_text()).get("steps")
+    except (ValueError, AttributeError):
+        return None
+    return steps if isinstance(steps, int) else None
+
+
 def checkpoint_steps(run_dir: Path | None) -> list[int]:
     """Steps of ``checkpoints/step_<N>`` (or verl's ``global_step_<N>``) directories, zero-padded or not."""
     if not run_dir or not (root := run_dir / "checkpoints").is_dir():
@@ -626,8 +645,9 @@ def summarize(metrics_path_or_run_dir: str | Path, rules: list[Rule] | str | Non
     last = None
     nonfinite: dict[str, tuple[int, Any]] = {}  # rule id -> (step, value) while its metric's latest value is NaN/inf
     usable = 0  # finite numbers seen for any watched metric
+    end = final_eval_step(run_dir)
     for step, m in records:
-        last = monitor.observe(step, m)
+        last = monitor.observe(step, m, at_end=step == end)
         for rule in monitor.rules:
             if rule.metric in m:
                 raw = m[rule.metric]

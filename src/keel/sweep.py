@@ -41,7 +41,7 @@ from typing import Any
 
 from keel.config import KeelConfig, config_from_dict, load_config, parse_override, read_yaml, to_dict
 from keel.errors import EXIT_HEALTH_STOP, EXIT_NONFINITE_STOP, KeelError
-from keel.monitor import Failing, Monitor, Rule, load_rules, read_metrics
+from keel.monitor import Failing, Monitor, Rule, final_eval_step, load_rules, read_metrics
 
 
 class Outcome(str, Enum):
@@ -133,8 +133,9 @@ def _classify(run_dir: Path, exit_code: int | None, rules) -> tuple[str, int | N
             events.append((step, Outcome.DIVERGED, f"{bad_keys[0]} is {m[bad_keys[0]]} at step {step}"))
             break
     health_bad, entropy_bad = None, None
+    end = final_eval_step(run_dir)
     for step, m in records:
-        verdict = monitor.observe(step, m)
+        verdict = monitor.observe(step, m, at_end=step == end)
         if verdict.overall == "bad" and health_bad is None:
             health_bad = (step, side_outcome(verdict.failing_rule), verdict.reason)
         if entropy_bad is None:  # entropy is the lab log's axis: its verdict names the run when it goes bad

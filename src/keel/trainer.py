@@ -328,7 +328,7 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
             log("config changed since the run started: " + "; ".join(changed))
     if t.resume == "auto" and main:  # lines past the checkpoint (all of them if there is none) are replayed
         for name in ("metrics.jsonl", "samples.jsonl", "health.jsonl"):
-            truncate_jsonl(run_dir / name, state["step"])
+            truncate_jsonl(run_dir / name, state["step"] if resumed is not None else -1)
         (run_dir / "STOPPED").unlink(missing_ok=True)  # the run goes on: an old stop reason no longer holds
     elif (run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").stat().st_size > 0:
         raise KeelError(f"run directory '{run_dir}' already holds a run (metrics.jsonl); continue it with "
@@ -370,9 +370,16 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
         d.barrier()
         return path
 
+    def start_record() -> dict:  # the held-out accuracy before training, logged at step 0 (as verl does)
+        return {"val/accuracy": state["eval_before"][val_key]} if state["eval_before"] else {}
+
     if state["eval_before"] is None and t.val_before_train:
         state["eval_before"] = held_out_accuracy()
         log(f"held-out accuracy before GRPO: {state['eval_before'][val_key]:.3f} (n={state['eval_before']['n']})")
+        monitor.observe(0, start_record())  # the reference of the held-out rules
+        if main:
+            tracker.log(start_record(), 0)
+    final_eval = None  # (step, result) of the evaluation at the last step, judged by the monitor's at_end rules
 
     bar = _progress(main and progress and "console" in t.logger, t.total_training_steps, state["step"])
     stopped, exit_code = None, 0
@@ -519,7 +526,10 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
             if step == 1:
                 step_metrics.update(data_stats)
             step_metrics = d.broadcast(step_metrics)  # every rank judges rank 0's numbers: same decisions
-            verdict = monitor.observe(step, step_metrics)
+            if step == t.total_training_steps:  # the final evaluation is part of the last step's verdict
+                final_eval = (step, held_out_accuracy())
+                step_metrics["val/accuracy"] = final_eval[1][val_key]
+            verdict = monitor.observe(step, step_metrics, at_end=step == t.total_training_steps)
             step_metrics.update(monitor.metrics(verdict))
             controller.update(step, step_metrics.get("actor/entropy"), step_metrics.get("actor/kl_loss"))
             # the smoothing and prediction are of this step's entropy: log them with this step, not the next
@@ -556,7 +566,9 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
                 checkpoint.load_checkpoint(good, model, optimizer, restore_rng=False)
                 failing = verdict.failing_rule
                 controller.on_rollback((failing and failing.direction) or "low")
-                monitor = Monitor(rules)  # judge the restored policy afresh
+                monitor = Monitor(rules)  # judge the restored policy afresh (from the same held-out start)
+                monitor.observe(0, start_record())
+                final_eval = None
                 state["rollbacks"] += 1
                 event = {"step": step, "rule": failing.rule if failing else None, "verdict": "rollback",
                          "reason": f"{verdict.reason}; rolled back to step {target}, "
@@ -596,7 +608,7 @@ def train(cfg: KeelConfig, log=print, progress: bool = True) -> TrainResult:
     m = whole()[0]
     if main:
         checkpoint.save_hf_model(m, tok, run_dir / "model")
-    after = held_out_accuracy()
+    after = final_eval[1] if final_eval is not None and final_eval[0] == state["step"] else held_out_accuracy()
     result = {"heldout_accuracy_before": (state["eval_before"] or {}).get(val_key),
               "heldout_accuracy_after": after[val_key], "n_heldout": after["n"],
               "temperature": val_temperature, "samples_per_problem": val_n, "steps": state["step"]}
